@@ -1,0 +1,1 @@
+"""adaptive_optax: optax transformations that get stuck training runs unstuck."""
