@@ -1,0 +1,319 @@
+"""The intervention policy: the table of boosts and loss mixes, decided in-graph.
+
+The seed trainer's ``_handle_plateau`` as a validated, frozen config object.
+Its defaults are the seed's rules:
+
+* **Boost from the gradient-norm EMA.** ``grad_norm_thresholds=(0.01, 0.1,
+  0.5)`` split the norm into half-open bins ``[0, 0.01)``, ``[0.01, 0.1)``,
+  ``[0.1, 0.5)``, ``[0.5, inf)`` with ``grad_norm_boosts=(15, 10, 5, 3)``:
+  tiny gradients get the biggest boost. (The seed's ``> 0.5`` gives 5x at
+  exactly 0.5; consistent half-open bins give 3x there. No other norm differs.)
+* **Progressive damping.** Intervention ``k`` multiplies its boost by
+  ``damping[k-1]`` = 1.0, 0.7, 0.5. Boosts are relative to the base schedule,
+  never compounded: norm 0.04 gives base x10, x7, x5 at interventions 1-3
+  (the seed's own worked example prints 2x for the third; 10 x 0.5 is 5).
+* **Fallback.** With gradient tracking off (``use_grad_norm=False``), the boost
+  is ``fixed_boosts[k-1]`` (default 5x, the seed's "standard" bin, which is
+  also what its default ``avg_gradient_norm=0.1`` yields), still damped.
+* **Loss mixes.** Interventions pick a mix uniformly at random from ``mixes``
+  (default: the seed's five), never re-picking the current one when
+  ``avoid_repeat``; the last allowed intervention uses ``final_mix`` (the
+  seed's conservative dice 0.6 / focal 0.4). ``mix_plan`` overrides this per
+  intervention with ``"random"``, ``"final"``, ``"keep"`` or a table index.
+* **Optimizer reset** per intervention with ``reset_optimizer``.
+
+Per-intervention sequences (``damping``, ``fixed_boosts``, ``mix_plan``,
+``reset_optimizer``) repeat their last entry for later interventions.
+Mix weights are used as given, not renormalised: a mix that sums to 2 doubles
+the gradient scale, which is the user's call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_optax._validation import check_floats
+
+LossMix = Mapping[str, float]
+MixStep = Union[str, int]
+
+SEED_MIXES: tuple[dict[str, float], ...] = (
+    {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0},  # balanced
+    {"dice": 0.5, "focal": 0.5, "variance": 0.0, "bce": 0.0},  # focal-heavy
+    {"dice": 0.4, "focal": 0.6, "variance": 0.0, "bce": 0.0},  # very focal-heavy
+    {"dice": 0.7, "focal": 0.3, "variance": 0.0, "bce": 0.0},  # dice-heavy
+    {"dice": 0.5, "focal": 0.3, "variance": 0.2, "bce": 0.0},  # with variance
+)
+BALANCED_MIX: dict[str, float] = {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0}
+# The seed never states the mix used before the first plateau; this one
+# switches every component on so that each later mix is a real change.
+DEFAULT_INITIAL_MIX: dict[str, float] = {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2}
+
+_PLAN_WORDS = ("random", "final", "keep")
+_RANDOM, _FINAL, _KEEP = -1, -2, -3
+
+
+class InterventionState(NamedTuple):
+    """What the interventions so far have set (scalars and a PRNG key)."""
+
+    intervention_count: jax.Array  # int32 [], interventions applied
+    lr_multiplier: jax.Array  # float32 [], current multiplier on the base schedule
+    boost_from: jax.Array  # float32 [], multiplier just before the latest intervention
+    boost_to: jax.Array  # float32 [], target multiplier of the latest intervention
+    boost_step: jax.Array  # int32 [], step of the latest intervention (-1: none)
+    mix_index: jax.Array  # int32 [], row of InterventionPolicy.all_mixes in use
+    rng_key: jax.Array  # uint32 [2], raw PRNG key for mix picks
+    conservatism: jax.Array  # float32 [], boost scale in [0, 1], shrunk by rollbacks
+    force_final_mix: jax.Array  # bool [], next intervention uses final_mix (after a rollback)
+
+
+class Decision(NamedTuple):
+    """One intervention as decided in-graph."""
+
+    boost: jax.Array  # float32 [], multiplier on the base learning rate
+    mix_index: jax.Array  # int32 [], row of all_mixes
+    reset: jax.Array  # bool [], re-initialise the inner optimizer
+    rng_key: jax.Array  # uint32 [2], the key to keep
+
+
+@dataclasses.dataclass(frozen=True)
+class InterventionPolicy:
+    """What an intervention does: boost, loss mix and optimizer reset.
+
+    Args:
+        grad_norm_thresholds: Strictly increasing positive bin edges.
+        grad_norm_boosts: One boost per bin, ``len(thresholds) + 1`` values > 0.
+        damping: Per-intervention factor on the boost, values > 0.
+        use_grad_norm: Choose the boost from the gradient-norm EMA; if False,
+            use ``fixed_boosts`` (the seed's fallback).
+        fixed_boosts: Per-intervention boosts used when ``use_grad_norm=False``.
+        mixes: Candidate loss mixes, dicts of non-negative weights with the
+            same keys, not all zero.
+        initial_mix: The mix before any intervention.
+        final_mix: The conservative mix of the last intervention.
+        mix_plan: Per intervention ``"random"``, ``"final"``, ``"keep"`` or an
+            index into ``mixes``. ``None``: random, then final for the last.
+        avoid_repeat: A random pick never repeats the current table mix.
+        reset_optimizer: Per-intervention flags to re-initialise the inner
+            optimizer state.
+
+    Raises:
+        ValueError: On any invalid argument; the message names it.
+
+    Example:
+        >>> policy = InterventionPolicy(damping=(1.0, 0.8))
+        >>> policy.loss_names
+        ('bce', 'dice', 'focal', 'variance')
+    """
+
+    grad_norm_thresholds: Sequence[float] = (0.01, 0.1, 0.5)
+    grad_norm_boosts: Sequence[float] = (15.0, 10.0, 5.0, 3.0)
+    damping: Sequence[float] = (1.0, 0.7, 0.5)
+    use_grad_norm: bool = True
+    fixed_boosts: Sequence[float] = (5.0,)
+    mixes: Sequence[LossMix] = SEED_MIXES
+    initial_mix: LossMix = dataclasses.field(default_factory=lambda: dict(DEFAULT_INITIAL_MIX))
+    final_mix: LossMix = dataclasses.field(default_factory=lambda: dict(BALANCED_MIX))
+    mix_plan: Sequence[MixStep] | None = None
+    avoid_repeat: bool = True
+    reset_optimizer: Sequence[bool] = (False,)
+
+    def __post_init__(self):
+        thresholds = check_floats("grad_norm_thresholds", self.grad_norm_thresholds,
+                                  low=0.0, low_open=True)
+        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+            raise ValueError("grad_norm_thresholds must be strictly increasing, got "
+                             f"grad_norm_thresholds = {tuple(self.grad_norm_thresholds)}.")
+        boosts = check_floats("grad_norm_boosts", self.grad_norm_boosts, low=0.0, low_open=True)
+        if len(boosts) != len(thresholds) + 1:
+            raise ValueError(
+                "grad_norm_boosts must have len(grad_norm_thresholds) + 1 = "
+                f"{len(thresholds) + 1} entries (one per bin), got {len(boosts)}.")
+        check_floats("damping", self.damping, low=0.0, low_open=True)
+        check_floats("fixed_boosts", self.fixed_boosts, low=0.0, low_open=True)
+        if not isinstance(self.mixes, Sequence) or len(self.mixes) == 0:
+            raise ValueError(f"mixes must be a non-empty sequence of dicts, got mixes = {self.mixes!r}.")
+        names = _mix_names("initial_mix", self.initial_mix)
+        for i, mix in enumerate(self.mixes):
+            _check_mix(f"mixes[{i}]", mix, names)
+        _check_mix("initial_mix", self.initial_mix, names)
+        _check_mix("final_mix", self.final_mix, names)
+        if self.mix_plan is not None:
+            if isinstance(self.mix_plan, (str, bytes)) or len(self.mix_plan) == 0:
+                raise ValueError(f"mix_plan must be None or a non-empty sequence, got {self.mix_plan!r}.")
+            for i, step in enumerate(self.mix_plan):
+                ok = step in _PLAN_WORDS if isinstance(step, str) else (
+                    isinstance(step, int) and not isinstance(step, bool)
+                    and 0 <= step < len(self.mixes))
+                if not ok:
+                    raise ValueError(
+                        f"mix_plan[{i}] must be one of {_PLAN_WORDS} or an index in "
+                        f"[0, {len(self.mixes)}), got {step!r}.")
+        if len(self.reset_optimizer) == 0 or not all(
+                isinstance(r, (bool, np.bool_)) for r in self.reset_optimizer):
+            raise ValueError("reset_optimizer must be a non-empty sequence of bools, got "
+                             f"reset_optimizer = {self.reset_optimizer!r}.")
+
+    @property
+    def loss_names(self) -> tuple[str, ...]:
+        """The loss-component names, sorted (the order of every mix vector)."""
+        return tuple(sorted(self.initial_mix))
+
+    @property
+    def all_mixes(self) -> np.ndarray:
+        """float32 ``[len(mixes) + 2, n_losses]``: the table, then initial, then final."""
+        rows = [*self.mixes, self.initial_mix, self.final_mix]
+        return np.array([[float(m[k]) for k in self.loss_names] for m in rows], np.float32)
+
+    @property
+    def initial_index(self) -> int:
+        """Row of ``all_mixes`` holding ``initial_mix``."""
+        return len(self.mixes)
+
+    @property
+    def final_index(self) -> int:
+        """Row of ``all_mixes`` holding ``final_mix``."""
+        return len(self.mixes) + 1
+
+    def mix_label(self, index: int) -> str:
+        """A readable name for a row of ``all_mixes`` (for logs)."""
+        index = int(index)
+        if index == self.initial_index:
+            return "initial"
+        if index == self.final_index:
+            return "final"
+        return f"mixes[{index}]"
+
+    def weights(self, mix_index: jax.Array) -> dict[str, jax.Array]:
+        """The loss-weights dict of a row of ``all_mixes`` (in-graph gather)."""
+        row = jnp.asarray(self.all_mixes)[mix_index]
+        return {name: row[i] for i, name in enumerate(self.loss_names)}
+
+    def plan(self, max_interventions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-intervention boosts-without-norm, damping, mix codes and resets.
+
+        Each array has ``max(max_interventions, 1)`` entries; sequences shorter
+        than that repeat their last entry.
+        """
+        n = max(max_interventions, 1)
+        if self.mix_plan is None:
+            words: Sequence[MixStep] = ["random"] * (n - 1) + ["final"]
+        else:
+            words = self.mix_plan
+        codes = [{"random": _RANDOM, "final": _FINAL, "keep": _KEEP}.get(w, w) if isinstance(w, str)
+                 else w for w in words]
+        return (_stretch(self.fixed_boosts, n, np.float32), _stretch(self.damping, n, np.float32),
+                _stretch(codes, n, np.int32), _stretch(self.reset_optimizer, n, np.bool_))
+
+    def decide(
+        self,
+        state: InterventionState,
+        grad_norm: jax.Array,
+        max_interventions: int,
+    ) -> Decision:
+        """Decides the next intervention (computed every step, applied on a plateau).
+
+        Args:
+            state: The current intervention state; ``intervention_count`` is
+                the number of interventions already made.
+            grad_norm: The bias-corrected gradient-norm EMA.
+            max_interventions: The cap, which fixes which intervention is last.
+
+        Returns:
+            The :class:`Decision` for intervention ``intervention_count + 1``.
+        """
+        fixed, damping, codes, resets = (jnp.asarray(a) for a in self.plan(max_interventions))
+        k = jnp.minimum(state.intervention_count, fixed.shape[0] - 1)
+        if self.use_grad_norm:
+            edges = jnp.asarray(self.grad_norm_thresholds, jnp.float32)
+            bin_index = jnp.searchsorted(edges, grad_norm, side="right")
+            base = jnp.asarray(self.grad_norm_boosts, jnp.float32)[bin_index]
+        else:
+            base = fixed[k]
+        boost = base * damping[k]
+        # A rollback shrinks later boosts towards 1 (no change), not towards 0.
+        boost = 1.0 + (boost - 1.0) * state.conservatism
+
+        new_key, pick_key = jax.random.split(state.rng_key)
+        n = len(self.mixes)
+        current = state.mix_index
+        in_table = (current < n) & self.avoid_repeat & (n > 1)
+        r = jax.random.randint(pick_key, [], 0, n - in_table.astype(jnp.int32))
+        random_index = r + (in_table & (r >= current)).astype(jnp.int32)
+        code = codes[k]
+        mix_index = jnp.select(
+            [state.force_final_mix | (code == _FINAL), code == _RANDOM, code == _KEEP],
+            [self.final_index, random_index, current],
+            default=code,
+        ).astype(jnp.int32)
+        return Decision(boost.astype(jnp.float32), mix_index, resets[k], new_key)
+
+
+def _mix_names(name: str, mix) -> tuple[str, ...]:
+    if not isinstance(mix, Mapping) or not mix:
+        raise ValueError(f"{name} must be a non-empty dict of loss weights, got {name} = {mix!r}.")
+    return tuple(sorted(mix))
+
+
+def _check_mix(name: str, mix, names: tuple[str, ...]) -> None:
+    keys = _mix_names(name, mix)
+    if keys != names:
+        missing, extra = sorted(set(names) - set(keys)), sorted(set(keys) - set(names))
+        raise ValueError(f"{name} must have the keys of initial_mix {list(names)}; "
+                         f"missing {missing}, extra {extra}.")
+    values = [mix[k] for k in names]
+    for k, v in zip(names, values):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name}[{k!r}] must be a finite weight >= 0, got {v!r}.")
+    if sum(values) <= 0:
+        raise ValueError(f"{name} must have at least one positive weight, got {dict(mix)}.")
+
+
+def _stretch(values: Sequence, n: int, dtype) -> np.ndarray:
+    values = list(values)[:n]
+    return np.array(values + [values[-1]] * (n - len(values)), dtype)
+
+
+def adaptive_policy(**overrides) -> InterventionPolicy:
+    """The seed's adaptive strategy (all defaults), with optional overrides.
+
+    Example:
+        >>> adaptive_policy(damping=(1.0, 0.5)).damping
+        (1.0, 0.5)
+    """
+    return InterventionPolicy(**overrides)
+
+
+def legacy_policy(**overrides) -> InterventionPolicy:
+    """The seed's old deterministic strategy, for comparison.
+
+    Intervention 1: 10x and "disable complex losses" (variance and BCE off:
+    dice 0.5 / focal 0.5); 2: 5x and focal only; 3: 3x, optimizer reset and
+    dice only. No gradient tracking, no damping, no randomness.
+
+    Example:
+        >>> legacy_policy().fixed_boosts
+        (10.0, 5.0, 3.0)
+    """
+    names = DEFAULT_INITIAL_MIX.keys()
+    only = lambda *on: {k: (1.0 / len(on) if k in on else 0.0) for k in names}  # noqa: E731
+    config = dict(
+        use_grad_norm=False,
+        fixed_boosts=(10.0, 5.0, 3.0),
+        damping=(1.0,),
+        mixes=(only("dice", "focal"), only("focal"), only("dice")),
+        final_mix=only("dice"),
+        mix_plan=(0, 1, 2),
+        avoid_repeat=False,
+        reset_optimizer=(False, False, True),
+    )
+    config.update(overrides)
+    return InterventionPolicy(**config)

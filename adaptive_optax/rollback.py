@@ -1,0 +1,89 @@
+"""The rollback guard: undo an intervention that made things worse.
+
+The seed's own failure was a loss jump from 0.32 to 0.65 right after an
+intervention. With a guard, each intervention first snapshots the parameters,
+the learning-rate multiplier and the loss mix. For the next ``guard_windows``
+valid windows, a window mean worse than the pre-intervention best by more than
+``rtol * |best| + atol`` triggers a rollback: the update returned on that step
+moves the parameters back to the snapshot, the multiplier and mix are restored,
+and later interventions become more conservative (boosts shrink towards 1 by
+``shrink`` per rollback and use the final, balanced mix) or stop altogether
+(``stop_after_rollback``).
+
+Memory: one copy of the parameters, in their own dtype. The inner optimizer
+state is not snapshotted (that would cost Adam two more copies); it can be
+re-initialised on rollback with ``reset_optimizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from adaptive_optax._validation import check_float, check_int
+
+
+class RollbackState(NamedTuple):
+    """The snapshot and the guard's counters."""
+
+    snapshot_params: Any  # pytree like params: the parameters before the intervention
+    snapshot_multiplier: jax.Array  # float32 [], multiplier before the intervention
+    snapshot_mix_index: jax.Array  # int32 [], mix before the intervention
+    snapshot_value: jax.Array  # float32 [], best monitored value before it
+    guard_windows_left: jax.Array  # int32 [], windows still watched
+    rollback_count: jax.Array  # int32 [], rollbacks so far
+
+
+@dataclasses.dataclass(frozen=True)
+class RollbackGuard:
+    """Configuration of the rollback guard (off unless passed to ``plateau_escape``).
+
+    Args:
+        guard_windows: Valid windows after an intervention that are watched (>= 1).
+        rtol: Relative worsening tolerated, ``>= 0``.
+        atol: Absolute worsening tolerated, ``>= 0``.
+        shrink: Factor in ``[0, 1]`` on ``boost - 1`` of later interventions,
+            per rollback; 0 makes them change only the loss mix.
+        stop_after_rollback: Make no further interventions after a rollback.
+        reset_optimizer: Re-initialise the inner optimizer on rollback.
+
+    Raises:
+        ValueError: If an argument is out of range; the message names it.
+
+    Example:
+        >>> RollbackGuard(guard_windows=2, rtol=0.2).rtol
+        0.2
+    """
+
+    guard_windows: int = 2
+    rtol: float = 0.1
+    atol: float = 0.0
+    shrink: float = 0.5
+    stop_after_rollback: bool = False
+    reset_optimizer: bool = False
+
+    def __post_init__(self):
+        check_int("guard_windows", self.guard_windows, minimum=1)
+        check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)
+        check_float("atol", self.atol, low=0.0, high=math.inf, high_open=True)
+        check_float("shrink", self.shrink, low=0.0, high=1.0)
+
+    def init(self, params, initial_mix_index: int) -> RollbackState:
+        """The guard's state before any intervention."""
+        return RollbackState(
+            snapshot_params=jax.tree.map(jnp.array, params),
+            snapshot_multiplier=jnp.ones([], jnp.float32),
+            snapshot_mix_index=jnp.asarray(initial_mix_index, jnp.int32),
+            snapshot_value=jnp.full([], jnp.nan, jnp.float32),
+            guard_windows_left=jnp.zeros([], jnp.int32),
+            rollback_count=jnp.zeros([], jnp.int32),
+        )
+
+    def is_worse(self, value: jax.Array, reference: jax.Array, sign: float) -> jax.Array:
+        """Whether ``value`` is worse than ``reference`` beyond the tolerance."""
+        margin = self.rtol * jnp.abs(reference) + self.atol
+        return jnp.isfinite(reference) & (sign * value > sign * reference + margin)

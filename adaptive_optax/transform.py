@@ -1,0 +1,347 @@
+"""``plateau_escape``: the transformation that joins detector, policy and optimizer.
+
+Data path of one ``update(grads, state, params, value=monitor)``:
+
+1. the global norm of the incoming gradients folds into the EMA
+   (:mod:`adaptive_optax.grad_norm`); non-finite gradients are counted;
+2. ``value`` feeds the windowed plateau detector (:mod:`adaptive_optax.plateau`);
+3. if a rollback guard is on and the window is worse than the best before the
+   last intervention, the step restores the snapshot
+   (:mod:`adaptive_optax.rollback`);
+4. on a plateau, below ``max_interventions``, the policy
+   (:mod:`adaptive_optax.policy`) picks a boost, a loss mix and a reset;
+5. the effective learning rate ``base_schedule(step) * multiplier``
+   (:mod:`adaptive_optax.boost`), capped by ``max_learning_rate``, is injected
+   into the inner optimizer's ``hyperparams["learning_rate"]``
+   (``optax.inject_hyperparams``), which computes the updates.
+
+Everything is ``jnp.where`` on scalars or elementwise selects that XLA fuses
+into the optimizer's own loops: no ``lax.cond`` (on GPU a conditional's
+predicate goes through the host), no Python branch on an array, no host
+transfer. An intervention changes array values only, so a training run
+compiles once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptive_optax._validation import check_float, check_int
+from adaptive_optax.boost import boost_multiplier
+from adaptive_optax.grad_norm import GradNormState, global_norm, init_grad_norm, update_grad_norm
+from adaptive_optax.plateau import PlateauDetector, PlateauState
+from adaptive_optax.policy import InterventionPolicy, InterventionState
+from adaptive_optax.rollback import RollbackGuard, RollbackState
+
+
+class PlateauEscapeState(NamedTuple):
+    """State of :func:`plateau_escape`; read fields with ``optax.tree.get``.
+
+    Unique names readable from any enclosing state: ``learning_rate`` (the
+    effective rate, in ``optimizer_state.hyperparams``), ``intervention_count``,
+    ``grad_norm_ema``, ``best_value``, ``plateau_count``, ``loss_weights``,
+    ``lr_multiplier``, ``base_learning_rate``.
+    """
+
+    step: jax.Array  # int32 [], updates made so far (drives the base schedule)
+    base_learning_rate: jax.Array  # float32 [], base schedule at the latest step
+    plateau: PlateauState
+    grad_norm: GradNormState
+    intervention: InterventionState
+    loss_weights: dict[str, jax.Array]  # float32 [] each, the mix for the next loss
+    rollback: RollbackState | optax.EmptyState
+    optimizer_state: Any  # inject_hyperparams state of the inner optimizer
+
+
+def plateau_escape(
+    optimizer: Callable[..., optax.GradientTransformation],
+    learning_rate: float | optax.Schedule,
+    *,
+    patience: int = 2,
+    accumulation_steps: int = 1,
+    cooldown: int = 0,
+    mode: str = "min",
+    rtol: float = 1e-4,
+    atol: float = 0.0,
+    max_interventions: int = 3,
+    seed: int = 0,
+    policy: InterventionPolicy | None = None,
+    grad_norm_decay: float = 0.9,
+    boost_warmup_steps: int = 0,
+    boost_decay_steps: int | None = None,
+    max_learning_rate: float | None = None,
+    rollback: RollbackGuard | None = None,
+    skip_nonfinite_updates: bool = True,
+    **optimizer_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """An optimizer that escapes loss plateaus by adaptive interventions.
+
+    Wraps ``optimizer`` (a factory taking ``learning_rate``, such as
+    ``optax.adam``) and drives its learning rate. Call ``update`` with the
+    monitored value: ``tx.update(grads, state, params, value=loss)``
+    (``flax.nnx.Optimizer.update(model, grads, value=loss)`` forwards it).
+
+    Args:
+        optimizer: Optax optimizer factory with a ``learning_rate`` argument.
+        learning_rate: Base learning rate, a float > 0 or an ``optax.Schedule``.
+        patience: Non-improving windows tolerated before a plateau (>= 0).
+        accumulation_steps: Steps averaged into one window (>= 1), e.g. an epoch.
+        cooldown: Windows after an intervention with no plateau counted (>= 0).
+        mode: ``"min"`` (a loss) or ``"max"`` (a score such as Dice).
+        rtol: Relative improvement threshold in ``[0, 1)``.
+        atol: Absolute improvement threshold ``>= 0``.
+        max_interventions: Cap on interventions (>= 0; 0 only monitors).
+        seed: Seed of the PRNG key kept in the state for random mix picks.
+        policy: Boosts, mixes and resets; default :func:`adaptive_policy`.
+        grad_norm_decay: Decay of the gradient-norm EMA, in ``[0, 1)``.
+        boost_warmup_steps: Linear ramp into each boost (>= 0 steps).
+        boost_decay_steps: ``None`` holds each boost until the next
+            intervention; an int >= 1 decays it linearly back to the base.
+        max_learning_rate: Optional cap on the effective learning rate (> 0).
+        rollback: Optional :class:`RollbackGuard`; costs one parameter copy.
+        skip_nonfinite_updates: On non-finite gradients, return zero updates
+            and keep the inner state (counted in ``nonfinite_grad_count``).
+        **optimizer_kwargs: Forwarded to ``optimizer`` (e.g. ``b1=0.95``).
+
+    Returns:
+        An ``optax.GradientTransformationExtraArgs`` whose state is a
+        :class:`PlateauEscapeState`.
+
+    Raises:
+        ValueError: On an invalid argument; the message names it and its range.
+        TypeError: If ``optimizer`` is not a factory taking ``learning_rate``.
+
+    Example:
+        >>> import optax, jax.numpy as jnp
+        >>> tx = plateau_escape(optax.adam, 1e-3, patience=1, accumulation_steps=10)
+        >>> params = {"w": jnp.ones(3)}
+        >>> state = tx.init(params)
+        >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params, value=0.5)
+        >>> float(optax.tree.get(state, "learning_rate"))
+        0.001...
+    """
+    detector = PlateauDetector(patience=patience, accumulation_steps=accumulation_steps,
+                               cooldown=cooldown, mode=mode, rtol=rtol, atol=atol)
+    max_interventions = check_int("max_interventions", max_interventions, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+    grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
+                                  high_open=True)
+    boost_warmup_steps = check_int("boost_warmup_steps", boost_warmup_steps, minimum=0)
+    if boost_decay_steps is not None:
+        boost_decay_steps = check_int("boost_decay_steps", boost_decay_steps, minimum=1)
+    if max_learning_rate is not None:
+        max_learning_rate = check_float("max_learning_rate", max_learning_rate, low=0.0,
+                                        high=math.inf, low_open=True, high_open=True)
+    if policy is None:
+        policy = InterventionPolicy()
+    elif not isinstance(policy, InterventionPolicy):
+        raise TypeError(f"policy must be an InterventionPolicy, got {type(policy).__name__}.")
+    if rollback is not None and not isinstance(rollback, RollbackGuard):
+        raise TypeError(f"rollback must be a RollbackGuard or None, got {type(rollback).__name__}.")
+    schedule = _as_schedule(learning_rate)
+    inner = _inner_optimizer(optimizer, optimizer_kwargs)
+    may_reset = bool(policy.plan(max_interventions)[3].any() and max_interventions > 0) or bool(
+        rollback is not None and rollback.reset_optimizer)
+    track_norm = policy.use_grad_norm or skip_nonfinite_updates
+
+    def effective_lr(base: jax.Array, multiplier: jax.Array) -> jax.Array:
+        lr = base * multiplier
+        return lr if max_learning_rate is None else jnp.minimum(lr, max_learning_rate)
+
+    def init_fn(params) -> PlateauEscapeState:
+        base = jnp.asarray(schedule(jnp.zeros([], jnp.int32)), jnp.float32)
+        inner_state = inner.init(params)
+        inner_state = _with_lr(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
+        key = jax.random.PRNGKey(seed)
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)
+        intervention = InterventionState(
+            intervention_count=jnp.zeros([], jnp.int32),
+            lr_multiplier=jnp.ones([], jnp.float32),
+            boost_from=jnp.ones([], jnp.float32),
+            boost_to=jnp.ones([], jnp.float32),
+            boost_step=jnp.full([], -1, jnp.int32),
+            mix_index=jnp.asarray(policy.initial_index, jnp.int32),
+            rng_key=key,
+            conservatism=jnp.ones([], jnp.float32),
+            force_final_mix=jnp.zeros([], jnp.bool_),
+        )
+        return PlateauEscapeState(
+            step=jnp.zeros([], jnp.int32),
+            base_learning_rate=base,
+            plateau=detector.init(),
+            grad_norm=init_grad_norm(),
+            intervention=intervention,
+            loss_weights=policy.weights(intervention.mix_index),
+            rollback=(optax.EmptyState() if rollback is None
+                      else rollback.init(params, policy.initial_index)),
+            optimizer_state=inner_state,
+        )
+
+    def update_fn(updates, state: PlateauEscapeState, params=None, *, value=None, **extra_args):
+        if value is None:
+            raise ValueError(
+                "plateau_escape needs the monitored value: call "
+                "tx.update(grads, state, params, value=loss) "
+                "(flax: optimizer.update(model, grads, value=loss)).")
+        value = jnp.asarray(value)
+        if value.shape != ():
+            raise ValueError(f"value must be a scalar, got shape {value.shape}; reduce it "
+                             "(e.g. with jnp.mean) before passing it.")
+        if params is None and (may_reset or rollback is not None):
+            raise ValueError("plateau_escape with an optimizer reset or a rollback guard "
+                             "needs params: call tx.update(grads, state, params, value=...).")
+
+        step = state.step
+        grad_state = state.grad_norm
+        grads_finite = jnp.ones([], jnp.bool_)
+        if track_norm:
+            norm = global_norm(updates)
+            grads_finite = jnp.isfinite(norm)
+            grad_state = update_grad_norm(grad_state, norm, grad_norm_decay)
+
+        plateau_state, event = detector.update(state.plateau, value)
+        old = state.intervention
+        current_multiplier = boost_multiplier(
+            step - old.boost_step, old.boost_from, old.boost_to,
+            warmup_steps=boost_warmup_steps, decay_steps=boost_decay_steps)
+
+        rolled_back = jnp.zeros([], jnp.bool_)
+        limit = old.intervention_count >= max_interventions
+        if rollback is not None:
+            guard_state = state.rollback
+            watching = guard_state.guard_windows_left > 0
+            rolled_back = event.valid & watching & rollback.is_worse(
+                plateau_state.window_value, guard_state.snapshot_value, detector.sign)
+            if rollback.stop_after_rollback:
+                limit = limit | (guard_state.rollback_count > 0) | rolled_back
+        intervene = event.plateau & ~limit & ~rolled_back
+        decision = policy.decide(old, grad_state.grad_norm_ema, max_interventions)
+
+        def pick(on_intervene, on_rollback, keep):
+            return jnp.where(intervene, on_intervene, jnp.where(rolled_back, on_rollback, keep))
+
+        if rollback is not None:
+            snap_mult, snap_mix = state.rollback.snapshot_multiplier, state.rollback.snapshot_mix_index
+            shrink = rollback.shrink
+        else:
+            snap_mult, snap_mix, shrink = old.lr_multiplier, old.mix_index, 1.0
+        changed = intervene | rolled_back
+        new = InterventionState(
+            intervention_count=old.intervention_count + intervene.astype(jnp.int32),
+            lr_multiplier=old.lr_multiplier,  # set below
+            boost_from=pick(current_multiplier, snap_mult, old.boost_from),
+            boost_to=pick(decision.boost, snap_mult, old.boost_to),
+            boost_step=jnp.where(changed, step, old.boost_step),
+            mix_index=pick(decision.mix_index, snap_mix, old.mix_index),
+            rng_key=jnp.where(intervene, decision.rng_key, old.rng_key),
+            conservatism=jnp.where(rolled_back, old.conservatism * shrink, old.conservatism),
+            force_final_mix=pick(False, True, old.force_final_mix),
+        )
+        multiplier = boost_multiplier(
+            step - new.boost_step, new.boost_from, new.boost_to,
+            warmup_steps=boost_warmup_steps, decay_steps=boost_decay_steps)
+        new = new._replace(lr_multiplier=multiplier)
+        base = jnp.asarray(schedule(step), jnp.float32)
+        lr = effective_lr(base, multiplier)
+
+        inner_in = _with_lr(state.optimizer_state, lr)
+        if may_reset:
+            reset = intervene & decision.reset
+            if rollback is not None and rollback.reset_optimizer:
+                reset = reset | rolled_back
+            fresh = inner.init(params)
+            fresh = fresh._replace(hyperparams=inner_in.hyperparams)
+            inner_in = optax.tree.where(reset, fresh, inner_in)
+        inner_updates, inner_out = inner.update(updates, inner_in, params, value=value,
+                                                **extra_args)
+        keep = grads_finite & ~rolled_back
+        if skip_nonfinite_updates or rollback is not None:
+            inner_out = optax.tree.where(keep, inner_out, inner_in)
+        if skip_nonfinite_updates:
+            inner_updates = jax.tree.map(
+                lambda u: jnp.where(grads_finite, u, jnp.zeros_like(u)), inner_updates)
+
+        rollback_state = state.rollback
+        if rollback is not None:
+            guard_state = state.rollback
+            restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype),
+                                   guard_state.snapshot_params, params)
+            inner_updates = optax.tree.where(rolled_back, restore, inner_updates)
+            windows_left = jnp.where(event.valid & watching, guard_state.guard_windows_left - 1,
+                                     guard_state.guard_windows_left)
+            rollback_state = RollbackState(
+                snapshot_params=optax.tree.where(intervene, params, guard_state.snapshot_params),
+                snapshot_multiplier=jnp.where(intervene, current_multiplier,
+                                              guard_state.snapshot_multiplier),
+                snapshot_mix_index=jnp.where(intervene, old.mix_index,
+                                             guard_state.snapshot_mix_index),
+                snapshot_value=jnp.where(intervene, plateau_state.best_value,
+                                         guard_state.snapshot_value),
+                guard_windows_left=jnp.where(
+                    intervene, rollback.guard_windows,
+                    jnp.where(rolled_back, 0, windows_left)).astype(jnp.int32),
+                rollback_count=guard_state.rollback_count + rolled_back.astype(jnp.int32),
+            )
+            restarted = detector.restart_patience(plateau_state)
+            plateau_state = optax.tree.where(rolled_back, restarted, plateau_state)
+
+        new_state = PlateauEscapeState(
+            step=step + 1,
+            base_learning_rate=base,
+            plateau=plateau_state,
+            grad_norm=grad_state,
+            intervention=new,
+            loss_weights=policy.weights(new.mix_index),
+            rollback=rollback_state,
+            optimizer_state=inner_out,
+        )
+        return inner_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _as_schedule(learning_rate) -> optax.Schedule:
+    if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
+        raise ValueError("learning_rate must be a float > 0 or an optax schedule, got "
+                         f"learning_rate = {learning_rate!r}.")
+    value = check_float("learning_rate", learning_rate, low=0.0, high=math.inf,
+                        low_open=True, high_open=True)
+    return lambda step: jnp.full([], value, jnp.float32)
+
+
+def _inner_optimizer(optimizer, optimizer_kwargs) -> optax.GradientTransformationExtraArgs:
+    """Builds ``optimizer`` with its learning rate as an injected hyperparameter."""
+    if not callable(optimizer):
+        raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
+                        f"got {optimizer!r}.")
+    if isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError("optimizer must be a factory taking learning_rate (e.g. optax.adam), "
+                        "not a built GradientTransformation (e.g. optax.adam(1e-3)).")
+    try:
+        params = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"optimizer must be a Python callable, got {optimizer!r}.") from err
+    if "learning_rate" not in params:
+        raise TypeError(f"optimizer must take a learning_rate argument; {optimizer!r} takes "
+                        f"{list(params)}.")
+    if "learning_rate" in optimizer_kwargs:
+        raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
+    # The placeholder rate is overwritten in the state before every update.
+    return optax.inject_hyperparams(optimizer)(learning_rate=1.0, **optimizer_kwargs)
+
+
+def _with_lr(inner_state, lr: jax.Array):
+    hyperparams = dict(inner_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
+    return inner_state._replace(hyperparams=hyperparams)
