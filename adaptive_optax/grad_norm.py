@@ -27,7 +27,7 @@ class GradNormState(NamedTuple):
     grad_norm_ema: jax.Array  # float32 [], bias-corrected EMA (0 before any finite norm)
     grad_norm_acc: jax.Array  # float32 [], the biased accumulator behind it
     grad_norm_steps: jax.Array  # int32 [], finite norms folded in
-    last_grad_norm: jax.Array  # float32 [], the latest norm, finite or not
+    last_grad_norm: jax.Array  # float32 [], the latest finite norm
     nonfinite_grad_count: jax.Array  # int32 [], steps whose gradients were not finite
 
 
@@ -57,7 +57,7 @@ def update_grad_norm(state: GradNormState, norm: jax.Array, decay: float) -> Gra
 
     Returns:
         The new statistics; a non-finite ``norm`` only bumps
-        ``nonfinite_grad_count`` and ``last_grad_norm``.
+        ``nonfinite_grad_count``, so the state stays finite.
 
     Example:
         >>> s = init_grad_norm()
@@ -75,6 +75,6 @@ def update_grad_norm(state: GradNormState, norm: jax.Array, decay: float) -> Gra
         grad_norm_ema=ema,
         grad_norm_acc=acc,
         grad_norm_steps=steps,
-        last_grad_norm=norm,
+        last_grad_norm=jnp.where(finite, norm, state.last_grad_norm),
         nonfinite_grad_count=state.nonfinite_grad_count + (~finite).astype(jnp.int32),
     )

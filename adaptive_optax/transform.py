@@ -337,8 +337,14 @@ def _inner_optimizer(optimizer, optimizer_kwargs) -> optax.GradientTransformatio
                         f"{list(params)}.")
     if "learning_rate" in optimizer_kwargs:
         raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
+
+    def with_rate(learning_rate):
+        return optimizer(learning_rate=learning_rate, **optimizer_kwargs)
+
+    # Only the rate is injected: the other hyperparameters stay Python floats,
+    # so an injected float32 b1 cannot promote bfloat16 moments to float32.
     # The placeholder rate is overwritten in the state before every update.
-    return optax.inject_hyperparams(optimizer)(learning_rate=1.0, **optimizer_kwargs)
+    return optax.inject_hyperparams(with_rate)(learning_rate=1.0)
 
 
 def _with_lr(inner_state, lr: jax.Array):

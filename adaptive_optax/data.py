@@ -1,0 +1,656 @@
+"""Small segmentation data sets for the demo and the tests (numpy only).
+
+Two sources, both returned as :class:`SegmentationData` with images in
+``[0, 1]`` (float32, channels-last), a binary foreground mask and an instance
+label map:
+
+``"shapes"`` (:func:`synthetic_shapes`)
+    Random ellipses, discs and rotated squares of random size and brightness
+    on a dim background. ``difficulty`` in ``[0, 1]`` raises the noise, the
+    blur and a linear background gradient and lowers the object contrast. It
+    needs nothing but numpy and is fully determined by the seed.
+
+``"nuclei"`` (:func:`nuclei_image`, :func:`nuclei_dataset`)
+    The one real image the ``stardist`` wheel bundles
+    (``stardist/data/images/img2d.tif`` + ``mask2d.tif``): a 512x512
+    fluorescence image of nuclei from the 2018 Data Science Bowl (Caicedo et
+    al., Nature Methods 16, 2019) with its hand-made instance mask. The raw
+    image is ``uint16`` with values 0..235 (8-bit data stored as 16 bit); the
+    mask is ``uint16`` with 125 distinct nuclei whose ids are *not*
+    consecutive (they run up to 183), about 20 % of the pixels are foreground.
+
+    Recipe:
+
+    1. The image is percentile-normalised: ``(x - p1) / (p99.8 - p1)`` over
+       the whole image, then clipped to ``[0, 1]`` (only the brightest 0.2 %
+       of pixels saturate).
+    2. The columns are split once: the left ``1 - val_fraction`` of the
+       columns (384 of 512 by default) is the training region, the right
+       ``val_fraction`` (128 columns) the validation region. Crops never
+       straddle the split, so training and validation never share a pixel
+       (a handful of nuclei that straddle the split appear cut in both).
+    3. Training crops (``num_train``, default 256, of ``crop_size`` 64) have
+       uniformly random top-left corners inside the training region and are
+       augmented with a random horizontal flip, vertical flip and rot90.
+    4. Validation crops tile the validation region without overlap in a fixed
+       order (16 crops of 64x64 by default), so the validation set is the
+       same for every seed.
+    5. Inside every crop the instance ids are relabelled to ``1..K`` in
+       increasing order of their original id. A 64x64 crop of this image holds
+       at most 8 nuclei, so the default cap (``max_instances=32``) never
+       bites; see :func:`nuclei_dataset` for what happens when it does.
+
+The two ``"nuclei"`` files are read with ``tifffile`` and ``stardist`` is never
+imported (importing it pulls in TensorFlow/CSBDeep machinery); install both
+with ``pip install 'adaptive-optax[demo]'``. Nothing here downloads anything.
+
+Batching: :func:`batches` yields fixed-shape batches (the remainder of an
+epoch is dropped) so that a jitted training step never retraces.
+
+Example:
+    >>> train, val = load_dataset("shapes", num_train=32, num_val=8)
+    >>> train.images.shape, val.instances.dtype
+    ((32, 64, 64, 1), dtype('int32'))
+    >>> [b.images.shape[0] for b in batches(train, 8, seed=0, epoch=0)]
+    [8, 8, 8, 8]
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "DATASET_NAMES",
+    "SegmentationData",
+    "batches",
+    "load_dataset",
+    "nuclei_dataset",
+    "nuclei_image",
+    "num_batches",
+    "synthetic_shapes",
+]
+
+DATASET_NAMES: tuple[str, ...] = ("nuclei", "shapes")
+
+_INSTALL_HINT = "install the demo extras with: pip install 'adaptive-optax[demo]'"
+
+# Percentiles used to normalise the nuclei image (robust to a few hot pixels).
+_NUCLEI_LOW_PERCENTILE = 1.0
+_NUCLEI_HIGH_PERCENTILE = 99.8
+
+
+class SegmentationData(NamedTuple):
+    """A stack of images with their foreground masks and instance labels.
+
+    Attributes:
+        images: float32 ``[N, H, W, 1]`` with values in ``[0, 1]``.
+        masks: float32 ``[N, H, W, 1]``, 1.0 on foreground, 0.0 on background.
+        instances: int32 ``[N, H, W]``; 0 is background and ``1..K`` are the
+            instances of each image, numbered consecutively per image, with
+            ``K <= max_instances``.
+
+    Example:
+        >>> data = synthetic_shapes(4, size=32)
+        >>> data.images.shape, data.masks.shape, data.instances.shape
+        ((4, 32, 32, 1), (4, 32, 32, 1), (4, 32, 32))
+    """
+
+    images: np.ndarray
+    masks: np.ndarray
+    instances: np.ndarray
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """Validates that ``value`` is an int (not a bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _relabel_consecutive(labels: np.ndarray, num_ids: int) -> np.ndarray:
+    """Renumbers the ids of every image in a label stack to ``1..K``.
+
+    Args:
+        labels: int ``[N, H, W]`` with values in ``0..num_ids``.
+        num_ids: the largest id that may occur.
+
+    Returns:
+        int32 ``[N, H, W]`` with the same partition, ids consecutive per image
+        and in the same relative order; 0 stays 0.
+    """
+    n = labels.shape[0]
+    width = num_ids + 1
+    # One bincount over offset labels tells which ids survive in each image.
+    offsets = (np.arange(n, dtype=np.int64) * width)[:, None, None]
+    counts = np.bincount((labels + offsets).ravel(), minlength=n * width)
+    present = counts.reshape(n, width)[:, 1:] > 0
+    table = np.zeros((n, width), dtype=np.int32)
+    table[:, 1:] = np.where(present, np.cumsum(present, axis=1), 0)
+    return table[np.arange(n)[:, None, None], labels]
+
+
+def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur over axes 1 and 2 with reflect padding.
+
+    Args:
+        images: float ``[N, H, W]``.
+        sigma: standard deviation in pixels; <= 0 returns the input.
+
+    Returns:
+        The blurred stack, same shape and dtype.
+    """
+    if sigma <= 0:
+        return images
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    taps = np.arange(-radius, radius + 1, dtype=np.float32)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = images
+    for axis in (1, 2):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect")
+        length = out.shape[axis]
+        # A sum of shifted slices: a few dozen vectorised adds, no scipy needed.
+        acc = np.zeros_like(out)
+        for k, weight in enumerate(kernel):
+            acc += weight * np.take(padded, np.arange(k, k + length), axis=axis)
+        out = acc
+    return out
+
+
+def _per_pixel(values: np.ndarray) -> np.ndarray:
+    """Turns per-shape ``[N, M]`` parameters into float32 ``[N, M, 1, 1]``."""
+    return values.astype(np.float32)[:, :, None, None]
+
+
+def _shapes_from_rng(
+    rng: np.random.Generator,
+    num_images: int,
+    size: int,
+    difficulty: float,
+    max_instances: int,
+) -> SegmentationData:
+    """Draws a synthetic shapes data set from ``rng`` (see synthetic_shapes)."""
+    n = num_images
+    # About 12 objects on a 64x64 canvas; scale with the area.
+    slots = int(min(max_instances, max(1, round(12 * (size / 64.0) ** 2))))
+    m = slots
+    count = rng.integers(max(1, m // 3), m + 1, size=n)
+    valid = np.arange(m)[None, :] < count[:, None]  # [N, M]
+
+    cy = rng.uniform(0, size - 1, size=(n, m))
+    cx = rng.uniform(0, size - 1, size=(n, m))
+    semi_a = rng.uniform(0.05, 0.14, size=(n, m)) * size
+    semi_a = np.maximum(semi_a, 2.0)
+    semi_b = semi_a * rng.uniform(0.6, 1.0, size=(n, m))
+    theta = rng.uniform(0, np.pi, size=(n, m))
+    # One shape in four is a (rotated) square/rectangle, the rest ellipses.
+    is_box = rng.uniform(size=(n, m)) < 0.25
+    low = 0.7 - 0.5 * difficulty
+    brightness = rng.uniform(low, 1.0, size=(n, m))
+
+    coords = np.arange(size, dtype=np.float32)
+    f32 = _per_pixel
+    cos, sin = f32(np.cos(theta)), f32(np.sin(theta))
+    inv_a, inv_b = f32(1.0 / semi_a), f32(1.0 / semi_b)
+    # dy/dx per slot are [N, H, 1] and [N, 1, W]: the rotation is separable,
+    # so only the final sums are full [N, H, W] arrays.
+    dy = coords[None, :, None] - f32(cy)
+    dx = coords[None, None, :] - f32(cx)
+    # Paint slot by slot on [N, H, W] (a few MB, cache friendly) rather than
+    # materialising [N, M, H, W]; a later shape overwrites an earlier one.
+    raw = np.zeros((n, size, size), dtype=np.int32)
+    for j in range(m):
+        u = (dy[:, j] * cos[:, j] + dx[:, j] * sin[:, j]) * inv_a[:, j]
+        v = (dx[:, j] * cos[:, j] - dy[:, j] * sin[:, j]) * inv_b[:, j]
+        ellipse = u * u + v * v <= 1.0
+        box = np.maximum(np.abs(u), np.abs(v)) <= 1.0
+        inside = np.where(is_box[:, j, None, None], box, ellipse)
+        inside &= valid[:, j, None, None]
+        raw[inside] = j + 1
+
+    # Fully occluded shapes leave gaps in the ids; close them.
+    instances = _relabel_consecutive(raw, m)
+
+    padded_brightness = np.concatenate([np.zeros((n, 1)), brightness], axis=1)
+    objects = np.take_along_axis(
+        padded_brightness, raw.reshape(n, -1), axis=1
+    ).reshape(n, size, size)
+
+    base = rng.uniform(0.0, 0.15, size=(n, 1, 1))
+    grad_amp = 0.5 * difficulty * rng.uniform(0.5, 1.0, size=(n, 1, 1))
+    grad_dir = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
+    centred = (coords - (size - 1) / 2.0) / size
+    ramp = centred[None, :, None] * np.cos(grad_dir) + centred[None, None, :] * np.sin(
+        grad_dir
+    )
+    background = base + grad_amp * (ramp + 0.5)
+
+    clean = np.where(raw > 0, objects, background).astype(np.float32)
+    blurred = _gaussian_blur(clean, 0.5 + 1.5 * difficulty)
+    noise_std = 0.02 + 0.18 * difficulty
+    noisy = blurred + noise_std * rng.standard_normal(blurred.shape, dtype=np.float32)
+    images = np.clip(noisy, 0.0, 1.0).astype(np.float32)[..., None]
+    masks = (instances > 0).astype(np.float32)[..., None]
+    return SegmentationData(images=images, masks=masks, instances=instances)
+
+
+def synthetic_shapes(
+    num_images: int,
+    *,
+    size: int = 64,
+    seed: int = 0,
+    difficulty: float = 0.5,
+    max_instances: int = 32,
+) -> SegmentationData:
+    """Generates random bright shapes on a dim background.
+
+    Each image holds between ``M // 3`` and ``M`` shapes, where ``M`` is
+    ``min(max_instances, round(12 * (size / 64) ** 2))``: ellipses (discs when
+    the axes happen to be equal) and, one in four, rotated squares/rectangles,
+    with semi-axes of 5-14 % of ``size`` and brightness uniform in
+    ``[0.7 - 0.5 * difficulty, 1]``. Shapes may touch, overlap and be cut by
+    the border; a later shape overwrites an earlier one, so every visible
+    piece belongs to exactly one instance and fully hidden shapes are dropped.
+    The background is a level in ``[0, 0.15]`` plus a linear gradient of
+    amplitude up to ``0.5 * difficulty`` in a random direction. The image is
+    then blurred (Gaussian, sigma ``0.5 + 1.5 * difficulty`` px), Gaussian
+    noise of std ``0.02 + 0.18 * difficulty`` is added and the result is
+    clipped to ``[0, 1]``. Masks and instances are those of the sharp,
+    noise-free shapes, and ``masks == (instances > 0)`` always holds. For a
+    fixed seed the geometry (masks and instances) does not depend on
+    ``difficulty``, so difficulties can be compared on the same shapes.
+
+    Args:
+        num_images: number of images ``N`` (>= 1).
+        size: height and width of every image in pixels (>= 8).
+        seed: seed for ``np.random.default_rng``; the output is a pure function
+            of the arguments.
+        difficulty: in ``[0, 1]``; 0 is clean and high-contrast, 1 is noisy,
+            blurred, low-contrast and shaded.
+        max_instances: upper bound on the instances per image (>= 1).
+
+    Returns:
+        A :class:`SegmentationData` with images in ``[0, 1]``.
+
+    Raises:
+        ValueError: if ``difficulty`` is outside ``[0, 1]`` or an integer
+            argument is below its minimum.
+        TypeError: if an integer argument is not an int.
+
+    Example:
+        >>> data = synthetic_shapes(8, size=32, seed=1, difficulty=0.2)
+        >>> bool(((data.masks[..., 0] > 0) == (data.instances > 0)).all())
+        True
+    """
+    num_images = _check_int("num_images", num_images, 1)
+    size = _check_int("size", size, 8)
+    max_instances = _check_int("max_instances", max_instances, 1)
+    difficulty = float(difficulty)
+    # Written so that NaN fails too.
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+    rng = np.random.default_rng(seed)
+    return _shapes_from_rng(rng, num_images, size, difficulty, max_instances)
+
+
+def _stardist_image_dir() -> str:
+    """Finds ``stardist/data/images`` without importing stardist."""
+    spec = importlib.util.find_spec("stardist")
+    if spec is None:
+        raise ImportError(
+            "the 'nuclei' data set reads the image bundled with the stardist "
+            f"package, which is not installed; {_INSTALL_HINT}"
+        )
+    if spec.submodule_search_locations:
+        package_dir = list(spec.submodule_search_locations)[0]
+    elif spec.origin:
+        package_dir = os.path.dirname(spec.origin)
+    else:
+        raise RuntimeError(f"cannot locate the stardist package directory; {_INSTALL_HINT}")
+    return os.path.join(package_dir, "data", "images")
+
+
+@functools.lru_cache(maxsize=1)
+def _load_nuclei() -> tuple[np.ndarray, np.ndarray]:
+    """Reads and normalises the bundled nuclei image once per process."""
+    try:
+        import tifffile
+    except ImportError as err:
+        raise ImportError(
+            f"the 'nuclei' data set needs tifffile to read its image; {_INSTALL_HINT}"
+        ) from err
+    image_dir = _stardist_image_dir()
+    paths = [os.path.join(image_dir, name) for name in ("img2d.tif", "mask2d.tif")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise RuntimeError(
+                f"{path} is missing from the installed stardist package; "
+                f"reinstall it: {_INSTALL_HINT}"
+            )
+    raw = tifffile.imread(paths[0]).astype(np.float32)
+    labels = tifffile.imread(paths[1]).astype(np.int32)
+    if raw.ndim != 2 or raw.shape != labels.shape:
+        raise RuntimeError(
+            f"unexpected nuclei data: image {raw.shape}, mask {labels.shape}"
+        )
+    low, high = np.percentile(raw, [_NUCLEI_LOW_PERCENTILE, _NUCLEI_HIGH_PERCENTILE])
+    image = np.clip((raw - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+    # Cached arrays are shared; freeze them so no caller can corrupt the cache.
+    image.setflags(write=False)
+    labels.setflags(write=False)
+    return image, labels
+
+
+def nuclei_image() -> tuple[np.ndarray, np.ndarray]:
+    """Loads the real fluorescence nuclei image that the stardist wheel ships.
+
+    The files are ``stardist/data/images/img2d.tif`` (uint16, values 0..235)
+    and ``mask2d.tif`` (uint16 instance labels: 125 nuclei with
+    non-consecutive ids up to 183). The image is normalised with the 1st and
+    99.8th percentiles, ``(x - p1) / (p99.8 - p1)``, and clipped to ``[0, 1]``.
+    The files are read once per process and cached; the returned arrays are
+    fresh copies.
+
+    Returns:
+        ``(image, instances)``: float32 ``[512, 512]`` in ``[0, 1]`` and int32
+        ``[512, 512]`` with the original instance ids (0 is background).
+
+    Raises:
+        ImportError: if ``stardist`` or ``tifffile`` is not installed.
+        RuntimeError: if the bundled files cannot be found or read.
+
+    Example:
+        >>> image, instances = nuclei_image()
+        >>> image.shape, int(np.unique(instances[instances > 0]).size)
+        ((512, 512), 125)
+    """
+    image, labels = _load_nuclei()
+    return image.copy(), labels.copy()
+
+
+def _relabel_crop(labels: np.ndarray, max_instances: int) -> np.ndarray:
+    """Renumbers one crop's ids to ``1..K``, keeping the largest if K is capped."""
+    ids, inverse, areas = np.unique(labels, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(labels.shape)
+    has_background = ids[0] == 0
+    fg = slice(1, None) if has_background else slice(None)
+    fg_ids, fg_areas = ids[fg], areas[fg]
+    new_ids = np.zeros(ids.shape, dtype=np.int32)
+    keep = np.ones(fg_ids.shape, dtype=bool)
+    if fg_ids.size > max_instances:
+        # Keep the largest instances; stable sort so ties go to the lower id.
+        order = np.argsort(-fg_areas, kind="stable")
+        keep[:] = False
+        keep[order[:max_instances]] = True
+    new_ids[fg] = np.where(keep, np.cumsum(keep), 0)
+    return new_ids[inverse]
+
+
+def _augment(image: np.ndarray, labels: np.ndarray, flips: np.ndarray, k: int):
+    """Applies the same flips and rot90 to an image crop and its labels."""
+    if flips[0]:
+        image, labels = image[::-1], labels[::-1]
+    if flips[1]:
+        image, labels = image[:, ::-1], labels[:, ::-1]
+    return np.rot90(image, k), np.rot90(labels, k)
+
+
+def _stack(
+    images: list[np.ndarray], raw_labels: list[np.ndarray], max_instances: int
+) -> SegmentationData:
+    """Relabels crops and stacks them with the documented dtypes.
+
+    The masks come from the original labels, so instances dropped by the
+    ``max_instances`` cap stay foreground.
+    """
+    raw = np.stack(raw_labels)
+    instances = np.stack([_relabel_crop(labels, max_instances) for labels in raw])
+    return SegmentationData(
+        images=np.stack(images).astype(np.float32)[..., None],
+        masks=(raw > 0).astype(np.float32)[..., None],
+        instances=instances.astype(np.int32),
+    )
+
+
+def nuclei_dataset(
+    *,
+    crop_size: int = 64,
+    num_train: int = 256,
+    seed: int = 0,
+    val_fraction: float = 0.25,
+    max_instances: int = 32,
+    augment: bool = True,
+) -> tuple[SegmentationData, SegmentationData]:
+    """Cuts the nuclei image into training and validation crops.
+
+    The left ``1 - val_fraction`` of the columns gives ``num_train`` random
+    crops (with random flips and rot90 when ``augment``); the right
+    ``val_fraction`` is tiled without overlap into the validation crops, in
+    row-major order, independent of ``seed``. The two regions share no pixel.
+    Instance ids are renumbered ``1..K`` per crop. If a crop held more than
+    ``max_instances`` instances, only the ``max_instances`` largest (by area
+    in the crop) keep an id and the others are set to 0 in ``instances`` while
+    staying foreground in ``masks``, so the foreground target is never
+    altered (with the defaults this cannot happen: a 64x64 crop of this image
+    holds at most 8 nuclei).
+
+    Args:
+        crop_size: height and width of every crop (>= 8).
+        num_train: number of training crops (>= 1).
+        seed: seed for ``np.random.default_rng`` (crop positions and
+            augmentation).
+        val_fraction: fraction of the columns, at the right, held out for
+            validation; in ``(0, 1)``. Both regions must be at least
+            ``crop_size`` columns wide.
+        max_instances: cap on the instance ids per crop (>= 1).
+        augment: randomly flip and rotate the training crops.
+
+    Returns:
+        ``(train, val)`` :class:`SegmentationData` with images in ``[0, 1]``.
+        With the defaults: 256 training and 16 validation crops of 64x64.
+
+    Raises:
+        ValueError: if ``val_fraction`` is outside ``(0, 1)``, a region is
+            narrower than ``crop_size`` or an integer argument is too small.
+        ImportError: if ``stardist`` or ``tifffile`` is not installed.
+
+    Example:
+        >>> train, val = nuclei_dataset(num_train=16)
+        >>> train.images.shape, val.images.shape
+        ((16, 64, 64, 1), (16, 64, 64, 1))
+    """
+    crop_size = _check_int("crop_size", crop_size, 8)
+    num_train = _check_int("num_train", num_train, 1)
+    max_instances = _check_int("max_instances", max_instances, 1)
+    val_fraction = float(val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    image, labels = _load_nuclei()
+    height, width = image.shape
+    split = int(round(width * (1.0 - val_fraction)))
+    if crop_size > height or split < crop_size or width - split < crop_size:
+        raise ValueError(
+            f"crop_size={crop_size} does not fit: with val_fraction={val_fraction} "
+            f"the training region has {split} and the validation region "
+            f"{width - split} of {width} columns ({height} rows)"
+        )
+
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, height - crop_size + 1, size=num_train)
+    xs = rng.integers(0, split - crop_size + 1, size=num_train)
+    flips = rng.uniform(size=(num_train, 2)) < 0.5
+    rotations = rng.integers(0, 4, size=num_train)
+    train_images, train_labels = [], []
+    for i in range(num_train):
+        window = (slice(ys[i], ys[i] + crop_size), slice(xs[i], xs[i] + crop_size))
+        crop, crop_labels = image[window], labels[window]
+        if augment:
+            crop, crop_labels = _augment(crop, crop_labels, flips[i], int(rotations[i]))
+        train_images.append(crop)
+        train_labels.append(crop_labels)
+
+    val_images, val_labels = [], []
+    for y in range(0, height - crop_size + 1, crop_size):
+        for x in range(split, width - crop_size + 1, crop_size):
+            window = (slice(y, y + crop_size), slice(x, x + crop_size))
+            val_images.append(image[window])
+            val_labels.append(labels[window])
+
+    return (
+        _stack(train_images, train_labels, max_instances),
+        _stack(val_images, val_labels, max_instances),
+    )
+
+
+def num_batches(data: SegmentationData, batch_size: int) -> int:
+    """Number of full batches :func:`batches` yields per epoch.
+
+    Args:
+        data: the data set.
+        batch_size: examples per batch, ``1 <= batch_size <= N``.
+
+    Returns:
+        ``N // batch_size``.
+
+    Raises:
+        ValueError: if ``batch_size`` is not in ``[1, N]``.
+
+    Example:
+        >>> num_batches(synthetic_shapes(10, size=16), 4)
+        2
+    """
+    n = int(data.images.shape[0])
+    batch_size = _check_int("batch_size", batch_size, 1)
+    if batch_size > n:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {n} examples in the data set; "
+            "every batch must be full"
+        )
+    return n // batch_size
+
+
+def batches(
+    data: SegmentationData, batch_size: int, *, seed: int, epoch: int
+) -> Iterator[SegmentationData]:
+    """Yields one shuffled epoch of fixed-shape batches.
+
+    The permutation is drawn from ``np.random.default_rng([seed, epoch])``, so
+    it is reproducible and differs between epochs. The last ``N % batch_size``
+    examples of the permutation are dropped, which keeps every batch the same
+    shape and a jitted step from retracing; each index appears at most once
+    per epoch.
+
+    Args:
+        data: the data set.
+        batch_size: examples per batch, ``1 <= batch_size <= N``.
+        seed: non-negative shuffling seed.
+        epoch: non-negative epoch number.
+
+    Returns:
+        An iterator over :class:`SegmentationData` batches with leading
+        dimension ``batch_size``.
+
+    Raises:
+        ValueError: if ``batch_size`` is not in ``[1, N]`` or ``seed``/``epoch``
+            is negative (raised on the call, not on the first ``next``).
+
+    Example:
+        >>> data = synthetic_shapes(10, size=16)
+        >>> [b.instances.shape for b in batches(data, 4, seed=0, epoch=3)]
+        [(4, 16, 16), (4, 16, 16)]
+    """
+    steps = num_batches(data, batch_size)
+    seed = _check_int("seed", seed, 0)
+    epoch = _check_int("epoch", epoch, 0)
+    order = np.random.default_rng([seed, epoch]).permutation(data.images.shape[0])
+
+    # A nested generator so the validation above runs eagerly.
+    def generate() -> Iterator[SegmentationData]:
+        for step in range(steps):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            yield SegmentationData(*(array[index] for array in data))
+
+    return generate()
+
+
+def load_dataset(
+    name: str,
+    *,
+    seed: int = 0,
+    size: int = 64,
+    num_train: int | None = None,
+    num_val: int | None = None,
+    difficulty: float = 0.5,
+    max_instances: int = 32,
+) -> tuple[SegmentationData, SegmentationData]:
+    """Loads a ``(train, val)`` pair by name.
+
+    ``"nuclei"``: :func:`nuclei_dataset` with ``crop_size=size`` and
+    ``num_train`` (default 256) random training crops; the validation crops
+    are the fixed tiling of the held-out columns, so ``num_val`` must be left
+    as ``None`` (16 crops at size 64). ``difficulty`` does not apply.
+
+    ``"shapes"``: ``num_train`` (default 512) and ``num_val`` (default 64)
+    images from :func:`synthetic_shapes`. The training set equals
+    ``synthetic_shapes(num_train, seed=seed, ...)``; the validation set comes
+    from an independent stream (``default_rng([seed, 1])``), so it never
+    repeats training images.
+
+    Args:
+        name: one of :data:`DATASET_NAMES`: ``"nuclei"`` or ``"shapes"``.
+        seed: data seed.
+        size: image/crop height and width.
+        num_train: number of training examples (``None`` for the default).
+        num_val: number of validation images for ``"shapes"``.
+        difficulty: ``"shapes"`` only, in ``[0, 1]``.
+        max_instances: cap on the instance ids per image.
+
+    Returns:
+        ``(train, val)`` :class:`SegmentationData`.
+
+    Raises:
+        ValueError: for an unknown ``name``, ``num_val`` given for
+            ``"nuclei"`` or any invalid argument of the underlying loader.
+
+    Example:
+        >>> train, val = load_dataset("nuclei", num_train=8)
+        >>> train.images.shape, val.images.shape
+        ((8, 64, 64, 1), (16, 64, 64, 1))
+    """
+    if name == "nuclei":
+        if num_val is not None:
+            raise ValueError(
+                "num_val does not apply to 'nuclei': its validation crops are a "
+                "fixed tiling of the held-out columns"
+            )
+        return nuclei_dataset(
+            crop_size=size,
+            num_train=256 if num_train is None else num_train,
+            seed=seed,
+            max_instances=max_instances,
+        )
+    if name == "shapes":
+        train = synthetic_shapes(
+            512 if num_train is None else num_train,
+            size=size,
+            seed=seed,
+            difficulty=difficulty,
+            max_instances=max_instances,
+        )
+        # Validate num_val / difficulty the same way as the public function.
+        num_val = _check_int("num_val", 64 if num_val is None else num_val, 1)
+        val = _shapes_from_rng(
+            np.random.default_rng([seed, 1]), num_val, size, float(difficulty), max_instances
+        )
+        return train, val
+    raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASET_NAMES)}")

@@ -1,0 +1,61 @@
+"""Gradient-norm EMA: global norm, bias correction, non-finite skipping."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
+
+
+def test_global_norm_matches_numpy_over_leaves():
+    tree = {"a": jnp.array([3.0, 0.0]), "b": [jnp.array([[4.0]]), jnp.zeros(3)]}
+    chex.assert_trees_all_close(global_norm(tree), 5.0)
+
+
+def test_global_norm_of_bfloat16_accumulates_in_float32():
+    g = jnp.full((4096,), 0.01, jnp.bfloat16)
+    norm = global_norm({"g": g})
+    assert norm.dtype == jnp.float32
+    expected = np.sqrt(4096) * float(jnp.bfloat16(0.01))
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-3)
+
+
+def test_first_norm_is_unbiased():
+    s = update_grad_norm(init_grad_norm(), jnp.float32(0.04), decay=0.99)
+    chex.assert_trees_all_close(s.grad_norm_ema, 0.04, rtol=1e-5)
+
+
+def test_ema_matches_reference_recursion():
+    decay, norms = 0.8, [1.0, 2.0, 4.0, 0.5]
+    s = init_grad_norm()
+    update = jax.jit(update_grad_norm, static_argnums=2)
+    for n in norms:
+        s = update(s, jnp.float32(n), decay)
+    acc = 0.0
+    for n in norms:
+        acc = decay * acc + (1 - decay) * n
+    chex.assert_trees_all_close(s.grad_norm_ema, acc / (1 - decay ** len(norms)), rtol=1e-5)
+    assert int(s.grad_norm_steps) == 4
+
+
+def test_nonfinite_norms_are_skipped_and_counted():
+    s = init_grad_norm()
+    for n in [0.1, np.nan, np.inf, 0.1]:
+        s = update_grad_norm(s, jnp.float32(n), decay=0.9)
+    chex.assert_trees_all_close(s.grad_norm_ema, 0.1, rtol=1e-5)
+    assert int(s.nonfinite_grad_count) == 2
+    assert int(s.grad_norm_steps) == 2
+
+
+def test_ema_is_zero_before_any_finite_norm():
+    s = update_grad_norm(init_grad_norm(), jnp.float32(np.nan), decay=0.9)
+    assert float(s.grad_norm_ema) == 0.0
+    assert float(s.last_grad_norm) == 0.0
+    assert int(s.nonfinite_grad_count) == 1
+
+
+def test_agrees_with_optax_global_norm():
+    tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(2)}
+    chex.assert_trees_all_close(global_norm(tree), optax.global_norm(tree))

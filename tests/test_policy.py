@@ -1,0 +1,148 @@
+"""Intervention policy: the seed's table, damping, mix picks, presets, validation."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_optax.policy import (
+    BALANCED_MIX,
+    SEED_MIXES,
+    InterventionPolicy,
+    InterventionState,
+    adaptive_policy,
+    legacy_policy,
+)
+
+
+def state(policy, count=0, mix_index=None, seed=0, conservatism=1.0, force_final=False):
+    return InterventionState(
+        intervention_count=jnp.int32(count),
+        lr_multiplier=jnp.float32(1.0),
+        boost_from=jnp.float32(1.0),
+        boost_to=jnp.float32(1.0),
+        boost_step=jnp.int32(-1),
+        mix_index=jnp.int32(policy.initial_index if mix_index is None else mix_index),
+        rng_key=jax.random.PRNGKey(seed),
+        conservatism=jnp.float32(conservatism),
+        force_final_mix=jnp.bool_(force_final),
+    )
+
+
+@pytest.mark.parametrize(
+    "norm, boost",
+    [(0.0, 15.0), (0.005, 15.0), (0.01, 10.0), (0.04, 10.0), (0.099, 10.0),
+     (0.1, 5.0), (0.3, 5.0), (0.5, 3.0), (0.51, 3.0), (100.0, 3.0)],
+)
+def test_seed_boost_table(norm, boost):
+    p = adaptive_policy()
+    d = p.decide(state(p), jnp.float32(norm), max_interventions=3)
+    chex.assert_trees_all_close(d.boost, boost)
+
+
+def test_progressive_damping_for_norm_004_gives_10_7_5():
+    p = adaptive_policy()
+    boosts = [float(p.decide(state(p, count=k), jnp.float32(0.04), 3).boost) for k in range(3)]
+    np.testing.assert_allclose(boosts, [10.0, 7.0, 5.0], rtol=1e-6)
+
+
+def test_damping_repeats_last_entry_beyond_its_length():
+    p = adaptive_policy()
+    chex.assert_trees_all_close(p.decide(state(p, count=4), jnp.float32(0.04), 6).boost, 5.0)
+
+
+def test_fallback_without_grad_norm_uses_fixed_boosts_damped():
+    p = adaptive_policy(use_grad_norm=False)
+    boosts = [float(p.decide(state(p, count=k), jnp.float32(0.001), 3).boost) for k in range(3)]
+    np.testing.assert_allclose(boosts, [5.0, 3.5, 2.5], rtol=1e-6)
+
+
+def test_last_intervention_uses_the_balanced_mix_others_random():
+    p = adaptive_policy()
+    final = p.decide(state(p, count=2), jnp.float32(0.04), 3)
+    assert int(final.mix_index) == p.final_index
+    w = p.weights(final.mix_index)
+    chex.assert_trees_all_close(w, {k: np.float32(v) for k, v in BALANCED_MIX.items()})
+    first = p.decide(state(p, count=0), jnp.float32(0.04), 3)
+    assert 0 <= int(first.mix_index) < len(SEED_MIXES)
+
+
+def test_random_picks_are_uniform_and_reproducible():
+    p = adaptive_policy()
+    picks = [int(p.decide(state(p, seed=s), jnp.float32(0.04), 3).mix_index) for s in range(400)]
+    counts = np.bincount(picks, minlength=len(SEED_MIXES))
+    assert counts.min() > 50  # 80 expected per mix
+    again = [int(p.decide(state(p, seed=s), jnp.float32(0.04), 3).mix_index) for s in range(20)]
+    assert again == picks[:20]
+
+
+def test_avoid_repeat_never_repicks_current_mix():
+    p = adaptive_policy()
+    for current in range(len(SEED_MIXES)):
+        picks = {int(p.decide(state(p, mix_index=current, seed=s), jnp.float32(0.04), 3).mix_index)
+                 for s in range(60)}
+        assert current not in picks
+        assert len(picks) == len(SEED_MIXES) - 1
+
+
+def test_repeat_allowed_when_configured():
+    p = adaptive_policy(avoid_repeat=False)
+    picks = {int(p.decide(state(p, mix_index=0, seed=s), jnp.float32(0.04), 3).mix_index)
+             for s in range(100)}
+    assert 0 in picks
+
+
+def test_mix_plan_keep_and_index():
+    p = adaptive_policy(mix_plan=("keep", 3, "final"))
+    assert int(p.decide(state(p, mix_index=1), jnp.float32(0.04), 3).mix_index) == 1
+    assert int(p.decide(state(p, count=1), jnp.float32(0.04), 3).mix_index) == 3
+
+
+def test_force_final_and_conservatism_after_rollback():
+    p = adaptive_policy()
+    d = p.decide(state(p, conservatism=0.5, force_final=True), jnp.float32(0.04), 3)
+    chex.assert_trees_all_close(d.boost, 1.0 + (10.0 - 1.0) * 0.5)
+    assert int(d.mix_index) == p.final_index
+
+
+def test_legacy_preset_is_the_seeds_old_strategy():
+    p = legacy_policy()
+    ds = [p.decide(state(p, count=k), jnp.float32(0.04), 3) for k in range(3)]
+    np.testing.assert_allclose([float(d.boost) for d in ds], [10.0, 5.0, 3.0])
+    assert [bool(d.reset) for d in ds] == [False, False, True]
+    weights = [{k: float(v) for k, v in p.weights(d.mix_index).items()} for d in ds]
+    assert weights[0] == {"bce": 0.0, "dice": 0.5, "focal": 0.5, "variance": 0.0}
+    assert weights[1] == {"bce": 0.0, "dice": 0.0, "focal": 1.0, "variance": 0.0}
+    assert weights[2] == {"bce": 0.0, "dice": 1.0, "focal": 0.0, "variance": 0.0}
+
+
+def test_decide_traces_under_jit():
+    p = adaptive_policy()
+    d = jax.jit(lambda s, n: p.decide(s, n, 3))(state(p), jnp.float32(0.2))
+    chex.assert_trees_all_close(d.boost, 5.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(grad_norm_thresholds=(0.1, 0.01, 0.5)), "grad_norm_thresholds"),
+        (dict(grad_norm_thresholds=(0.0, 0.1, 0.5)), "grad_norm_thresholds"),
+        (dict(grad_norm_boosts=(15.0, 10.0, 5.0)), "grad_norm_boosts"),
+        (dict(grad_norm_boosts=(15.0, -1.0, 5.0, 3.0)), "grad_norm_boosts"),
+        (dict(damping=(1.0, 0.0)), "damping"),
+        (dict(damping=()), "damping"),
+        (dict(fixed_boosts=(float("nan"),)), "fixed_boosts"),
+        (dict(mixes=()), "mixes"),
+        (dict(mixes=({"dice": -0.1, "focal": 1.0, "variance": 0.0, "bce": 0.0},)), "mixes"),
+        (dict(mixes=({"dice": 0.0, "focal": 0.0, "variance": 0.0, "bce": 0.0},)), "mixes"),
+        (dict(mixes=({"dice": 1.0, "focal": 0.0},)), "missing"),
+        (dict(final_mix={"dice": 1.0, "focal": 0.0, "variance": 0.0, "bce": 0.0, "x": 1.0}), "extra"),
+        (dict(mix_plan=("random", "sometimes")), "mix_plan"),
+        (dict(mix_plan=(7,)), "mix_plan"),
+        (dict(reset_optimizer=("yes",)), "reset_optimizer"),
+    ],
+)
+def test_invalid_policy_raises_naming_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        InterventionPolicy(**kwargs)

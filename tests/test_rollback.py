@@ -1,0 +1,117 @@
+"""Rollback guard: restore the snapshot after a bad intervention, then be conservative."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adaptive_optax as ao
+
+BASE = 1e-2
+
+
+def run(tx, values, norm=0.04):
+    params = {"w": jnp.arange(4.0), "b": jnp.ones((2, 2))}
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, value):
+        grads = jax.tree.map(lambda p: jnp.full_like(p, norm / np.sqrt(8)), params)
+        updates, state = tx.update(grads, state, params, value=value)
+        return optax.apply_updates(params, updates), state
+
+    history = []
+    for v in values:
+        before = params
+        params, state = step(params, state, jnp.float32(v))
+        history.append(dict(
+            before=before, after=params, state=state,
+            count=int(optax.tree.get(state, "intervention_count")),
+            rollbacks=int(optax.tree.get(state, "rollback_count")),
+            lr=float(optax.tree.get(state, "learning_rate")),
+            mix=int(optax.tree.get(state, "mix_index")),
+        ))
+    return history
+
+
+def test_rollback_restores_parameters_rate_and_mix():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))
+    # step 0: best 1.0; step 1: plateau -> intervention 1 (snapshot = params before step 1);
+    # step 2: 1.5 > 1.0 * 1.1 -> rollback.
+    h = run(tx, [1.0, 1.0, 1.5, 1.2])
+    assert h[1]["count"] == 1 and h[1]["rollbacks"] == 0
+    assert h[2]["rollbacks"] == 1
+    chex.assert_trees_all_close(h[2]["after"], h[1]["before"], atol=1e-6)  # back to the snapshot
+    assert h[2]["lr"] == pytest.approx(BASE)  # multiplier restored to 1
+    assert h[2]["mix"] == h[0]["mix"]  # initial mix restored
+    chex.assert_trees_all_close(optax.tree.get(h[2]["state"], "conservatism"), 0.5)
+
+
+def test_after_rollback_next_intervention_is_more_conservative():
+    policy = ao.adaptive_policy()
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, policy=policy,
+                           rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1, shrink=0.5))
+    h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0])
+    # rollback at step 2 restarts patience; step 3 is non-improving -> intervention 2.
+    assert [r["count"] for r in h] == [0, 1, 1, 2, 3]
+    # intervention 2: norm 0.04 -> 10 x 0.7 = 7, shrunk: 1 + 6 * 0.5 = 4; with the final mix.
+    assert h[3]["lr"] == pytest.approx(BASE * 4.0, rel=1e-5)
+    assert h[3]["mix"] == policy.final_index
+
+
+def test_no_rollback_when_the_intervention_helps():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=3))
+    h = run(tx, [1.0, 1.0, 0.9, 0.8, 0.7])
+    assert h[-1]["rollbacks"] == 0
+    assert h[2]["lr"] == pytest.approx(BASE * 10, rel=1e-5)
+
+
+def test_guard_only_watches_guard_windows():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=5, max_interventions=1,
+                           rollback=ao.RollbackGuard(guard_windows=2))
+    # plateau at step 6; watched windows at steps 7, 8; a bad value at step 9 is ignored.
+    h = run(tx, [1.0] * 7 + [1.0, 1.0, 5.0])
+    assert h[6]["count"] == 1
+    assert h[-1]["rollbacks"] == 0
+
+
+def test_stop_after_rollback_makes_no_more_interventions():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0,
+                           rollback=ao.RollbackGuard(guard_windows=1, stop_after_rollback=True))
+    h = run(tx, [1.0, 1.0, 2.0] + [1.0] * 6)
+    assert h[-1]["count"] == 1 and h[-1]["rollbacks"] == 1
+    assert h[-1]["lr"] == pytest.approx(BASE)
+
+
+def test_rollback_in_max_mode():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, mode="max",
+                           rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
+    h = run(tx, [0.8, 0.8, 0.5])
+    assert h[2]["rollbacks"] == 1
+
+
+def test_nan_window_does_not_trigger_rollback():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=1))
+    h = run(tx, [1.0, 1.0, np.nan, 1.0])
+    assert h[-1]["rollbacks"] == 0
+
+
+def test_snapshot_costs_one_parameter_copy():
+    params = {"w": jnp.zeros((100, 10)), "b": jnp.zeros(10, jnp.bfloat16)}
+    plain = ao.plateau_escape(optax.adam, BASE).init(params)
+    guarded = ao.plateau_escape(optax.adam, BASE, rollback=ao.RollbackGuard()).init(params)
+    nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))  # noqa: E731
+    param_bytes = nbytes(params)
+    extra = nbytes(guarded) - nbytes(plain)
+    assert param_bytes <= extra <= param_bytes + 64
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(guard_windows=0), "guard_windows"), (dict(rtol=-1.0), "rtol"),
+    (dict(atol=float("inf")), "atol"), (dict(shrink=1.5), "shrink"),
+])
+def test_invalid_guard_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ao.RollbackGuard(**kwargs)
