@@ -42,9 +42,10 @@ def global_norm(tree) -> jax.Array:
 
 def init_grad_norm() -> GradNormState:
     """Returns the state before any gradient was seen."""
-    zero_f = jnp.zeros([], jnp.float32)
-    zero_i = jnp.zeros([], jnp.int32)
-    return GradNormState(zero_f, zero_f, zero_i, zero_f, zero_i)
+    # One fresh array per field: a shared buffer could not be donated to a jitted step.
+    zero_f = lambda: jnp.zeros([], jnp.float32)  # noqa: E731
+    zero_i = lambda: jnp.zeros([], jnp.int32)  # noqa: E731
+    return GradNormState(zero_f(), zero_f(), zero_i(), zero_f(), zero_i())
 
 
 def update_grad_norm(state: GradNormState, norm: jax.Array, decay: float) -> GradNormState:

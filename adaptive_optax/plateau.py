@@ -114,17 +114,18 @@ class PlateauDetector:
 
     def init(self) -> PlateauState:
         """Returns the state before any step."""
-        zero_i = jnp.zeros([], jnp.int32)
+        # One fresh array per field: a shared buffer could not be donated to a jitted step.
+        zero_i = lambda: jnp.zeros([], jnp.int32)  # noqa: E731
         return PlateauState(
             window_sum=jnp.zeros([], jnp.float32),
-            window_finite=zero_i,
-            window_step=zero_i,
-            windows_completed=zero_i,
+            window_finite=zero_i(),
+            window_step=zero_i(),
+            windows_completed=zero_i(),
             window_value=jnp.full([], jnp.nan, jnp.float32),
             best_value=jnp.full([], self.sign * jnp.inf, jnp.float32),
-            plateau_count=zero_i,
-            cooldown_count=zero_i,
-            nonfinite_count=zero_i,
+            plateau_count=zero_i(),
+            cooldown_count=zero_i(),
+            nonfinite_count=zero_i(),
         )
 
     def is_better(self, value: jax.Array, reference: jax.Array) -> jax.Array:

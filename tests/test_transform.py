@@ -368,3 +368,14 @@ def test_property_count_and_lr_never_exceed_their_caps(values, norm, max_interve
     assert all(r["count"] <= max_interventions for r in rows)
     assert all(r["lr"] <= cap * (1 + 1e-6) for r in rows)
     assert all(r["lr"] > 0 for r in rows)
+
+
+def test_init_state_leaves_are_distinct_buffers_so_the_state_can_be_donated():
+    tx = ao.plateau_escape(optax.adam, BASE, rollback=ao.RollbackGuard())
+    params = {"w": jnp.ones(4)}
+    state = tx.init(params)
+    leaves = jax.tree.leaves(state)
+    assert len({id(x) for x in leaves}) == len(leaves)
+    step = jax.jit(lambda s, g, p: tx.update(g, s, p, value=jnp.float32(1.0))[1], donate_argnums=0)
+    state = step(state, grads_with_norm(0.1), params)
+    chex.assert_tree_all_finite(state)

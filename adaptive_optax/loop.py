@@ -1,0 +1,164 @@
+"""The training loop: epochs of fixed-shape batches, a history read from the state.
+
+Every number in :class:`History` is read from the optimizer state (or the step
+metrics) after each step, as device scalars. They are fetched to the host once
+per epoch, so the loop adds no host sync to a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from adaptive_optax.data import SegmentationData, batches, num_batches
+from adaptive_optax.metrics import dice_iou
+from adaptive_optax.train import StepMetrics, evaluate
+
+@dataclasses.dataclass
+class History:
+    """Per-step readings, per-epoch evaluations and the intervention log.
+
+    Attributes:
+        steps: name -> list of per-step values (``loss``, ``monitor`` and
+            :func:`adaptive_optax.train.state_readings`).
+        evals: name -> list of per-epoch values (``epoch``, ``step``,
+            ``dice``, ``iou``: mean over classes).
+        interventions: One dict per intervention or rollback (step, epoch,
+            window, grad-norm EMA, learning rate and mix before and after).
+    """
+
+    steps: dict[str, list] = dataclasses.field(default_factory=dict)
+    evals: dict[str, list] = dataclasses.field(default_factory=dict)
+    interventions: list[dict] = dataclasses.field(default_factory=list)
+
+    def array(self, name: str) -> np.ndarray:
+        """A per-step series as a numpy array."""
+        return np.asarray(self.steps[name])
+
+    def to_json(self) -> str:
+        """Serialises the history (used next to checkpoints)."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> History:
+        """Inverse of :meth:`to_json`."""
+        return cls(**json.loads(text))
+
+    def _extend(self, rows: dict[str, np.ndarray]) -> None:
+        for name, values in rows.items():
+            self.steps.setdefault(name, []).extend(np.asarray(values).tolist())
+
+    def _add_eval(self, **values) -> None:
+        for name, value in values.items():
+            self.evals.setdefault(name, []).append(value)
+
+
+def readings(metrics: StepMetrics) -> dict[str, jax.Array]:
+    """The per-step scalars that :class:`History` records (device arrays)."""
+    return {"loss": metrics.loss, "monitor": metrics.monitor, **metrics.readings}
+
+
+def fit(
+    train_step,
+    eval_step,
+    state,
+    train_data: SegmentationData,
+    val_data: SegmentationData,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    start_epoch: int = 0,
+    history: History | None = None,
+    steps_per_epoch: int | None = None,
+    mix_label: Callable[[int], str] = str,
+    on_epoch_end: Callable[[int, Any, History], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[Any, History]:
+    """Trains for ``epochs - start_epoch`` epochs and evaluates after each.
+
+    Args:
+        train_step: From :func:`adaptive_optax.train.make_train_step`.
+        eval_step: From :func:`adaptive_optax.train.make_eval_step`.
+        state: The train state from :func:`adaptive_optax.train.init_train_state`.
+        train_data: Training images, masks and instances.
+        val_data: Validation data (evaluated whole, in ``batch_size`` chunks).
+        epochs: Index of the epoch to stop before (the total epoch count).
+        batch_size: Fixed batch size (the remainder of each epoch is dropped).
+        seed: Shuffling seed; epoch ``e`` always sees the same order.
+        start_epoch: First epoch to run (to resume a checkpoint).
+        history: History to extend (to resume); a new one if ``None``.
+        steps_per_epoch: Cap on the batches per epoch (default: all).
+        mix_label: Names a mix index in the intervention log.
+        on_epoch_end: Called as ``on_epoch_end(epoch, state, history)``.
+        on_step: Called after each step (e.g. a progress bar's ``update``).
+
+    Returns:
+        ``(state, history)``.
+    """
+    history = History() if history is None else history
+    per_epoch = num_batches(train_data, batch_size)
+    if steps_per_epoch is not None:
+        per_epoch = min(per_epoch, steps_per_epoch)
+    for epoch in range(start_epoch, epochs):
+        rows = []
+        for i, batch in enumerate(batches(train_data, batch_size, seed=seed, epoch=epoch)):
+            if i == per_epoch:
+                break
+            state, metrics = train_step(state, SegmentationData(*map(jnp.asarray, batch)))
+            rows.append(readings(metrics))
+            if on_step is not None:
+                on_step()
+        first_step = len(history.steps.get("loss", []))
+        previous = _last_row(history)
+        host = jax.device_get(rows)
+        history._extend({k: [r[k] for r in host] for k in host[0]})
+        _log_interventions(history, host, previous, first_step, epoch, mix_label)
+        dice, iou = dice_iou(evaluate(eval_step, state, val_data, batch_size))
+        history._add_eval(epoch=epoch, step=first_step + len(host), dice=float(dice.mean()),
+                          iou=float(iou.mean()), dice_per_class=dice.tolist(),
+                          iou_per_class=iou.tolist())
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, state, history)
+    return state, history
+
+
+def _last_row(history: History) -> dict | None:
+    if not history.steps:
+        return None
+    return {k: v[-1] for k, v in history.steps.items()}
+
+
+def _log_interventions(history, rows, previous, first_step, epoch, mix_label) -> None:
+    """Appends one record per step whose intervention or rollback count rose."""
+    for i, row in enumerate(rows):
+        before = previous if i == 0 else rows[i - 1]
+        if before is None:
+            continue
+        kinds = []
+        if row["intervention_count"] > before["intervention_count"]:
+            kinds.append("intervention")
+        if row.get("rollback_count", 0) > before.get("rollback_count", 0):
+            kinds.append("rollback")
+        for kind in kinds:
+            weights = lambda r: {k[7:]: round(float(v), 4) for k, v in r.items()  # noqa: E731
+                                 if k.startswith("weight/")}
+            history.interventions.append(dict(
+                kind=kind,
+                number=int(row["intervention_count"]),
+                step=first_step + i,
+                epoch=epoch,
+                window=int(row["windows_completed"]),
+                grad_norm_ema=float(row["grad_norm_ema"]),
+                lr_before=float(before["learning_rate"]),
+                lr_after=float(row["learning_rate"]),
+                mix_before=mix_label(int(before["mix_index"])),
+                mix_after=mix_label(int(row["mix_index"])),
+                weights_before=weights(before),
+                weights_after=weights(row),
+            ))
