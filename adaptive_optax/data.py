@@ -182,8 +182,7 @@ def _shapes_from_rng(
     """Draws a synthetic shapes data set from ``rng`` (see synthetic_shapes)."""
     n = num_images
     # About 12 objects on a 64x64 canvas; scale with the area.
-    slots = int(min(max_instances, max(1, round(12 * (size / 64.0) ** 2))))
-    m = slots
+    m = int(min(max_instances, max(1, round(12 * (size / 64.0) ** 2))))
     count = rng.integers(max(1, m // 3), m + 1, size=n)
     valid = np.arange(m)[None, :] < count[:, None]  # [N, M]
 
@@ -199,7 +198,7 @@ def _shapes_from_rng(
     brightness = rng.uniform(low, 1.0, size=(n, m))
 
     coords = np.arange(size, dtype=np.float32)
-    f32 = _per_pixel
+    f32 = _per_pixel  # short alias: the lines below are dense enough
     cos, sin = f32(np.cos(theta)), f32(np.sin(theta))
     inv_a, inv_b = f32(1.0 / semi_a), f32(1.0 / semi_b)
     # dy/dx per slot are [N, H, 1] and [N, 1, W]: the rotation is separable,
@@ -396,7 +395,9 @@ def _relabel_crop(labels: np.ndarray, max_instances: int) -> np.ndarray:
     return new_ids[inverse]
 
 
-def _augment(image: np.ndarray, labels: np.ndarray, flips: np.ndarray, k: int):
+def _augment(
+    image: np.ndarray, labels: np.ndarray, flips: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Applies the same flips and rot90 to an image crop and its labels."""
     if flips[0]:
         image, labels = image[::-1], labels[::-1]

@@ -31,11 +31,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 __all__ = ["NORMS", "UNet", "count_params", "group_count"]
 
@@ -98,8 +97,8 @@ class ConvBlock(nnx.Module):
         out_features: int,
         *,
         norm: str | None,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         # A bias right before a normalisation is cancelled by its mean.
@@ -203,8 +202,8 @@ class UNet(nnx.Module):
         depth: int = 3,
         base_width: int = 16,
         norm: str | None = "group",
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
         _check_int("in_channels", in_channels, 1)

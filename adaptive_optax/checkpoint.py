@@ -1,0 +1,121 @@
+"""Orbax checkpoints of a whole training run: arrays, history and run config.
+
+A checkpoint holds the train state (model parameters, batch statistics and the
+full optimizer state: plateau counters, gradient-norm EMA, PRNG key, the inner
+optimizer's moments), the :class:`~adaptive_optax.loop.History` so far and the
+run's configuration. Data order is a pure function of ``(seed, epoch)``, so a
+run resumed at an epoch boundary repeats the uninterrupted run bit for bit.
+
+Restoring into a state built from a different configuration (another model
+size, another optimizer, a rollback guard on or off) raises a
+:class:`CheckpointMismatchError` that says what differs, never silently
+restores the wrong arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from adaptive_optax.loop import History
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by a run with another configuration."""
+
+
+def _manager(directory: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(directory: str, epoch: int, state, history: History, config: Mapping[str, Any]) -> None:
+    """Saves the state after ``epoch`` (0-based) with the history and config.
+
+    Args:
+        directory: Checkpoint directory (one sub-directory per saved epoch).
+        epoch: The epoch just completed.
+        state: The nnx train state.
+        history: The run's history so far.
+        config: JSON-serialisable run configuration, compared on restore.
+    """
+    with _manager(directory) as manager:
+        manager.save(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+            meta=ocp.args.JsonSave({"history": json.loads(history.to_json()),
+                                    "config": dict(config), "epoch": epoch}),
+        ))
+        manager.wait_until_finished()
+
+
+def latest_epoch(directory: str) -> int | None:
+    """The newest saved epoch in ``directory``, or ``None`` if there is none."""
+    if not os.path.isdir(directory):
+        return None
+    with _manager(directory) as manager:
+        return manager.latest_step()
+
+
+def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None = None):
+    """Restores ``(state, history, epoch)`` into the structure of ``state``.
+
+    Args:
+        directory: Checkpoint directory.
+        state: A freshly built train state of the same configuration; only its
+            structure, shapes and dtypes are used.
+        config: This run's configuration; it must equal the saved one.
+        epoch: Which saved epoch to restore (default: the latest).
+
+    Returns:
+        ``(state, history, epoch)`` with ``epoch`` the last completed epoch.
+
+    Raises:
+        FileNotFoundError: If ``directory`` holds no checkpoint.
+        CheckpointMismatchError: If the configuration, tree structure, shapes
+            or dtypes differ from the saved ones.
+    """
+    with _manager(directory) as manager:
+        epoch = manager.latest_step() if epoch is None else epoch
+        if epoch is None:
+            raise FileNotFoundError(f"no checkpoint in {directory!r}.")
+        meta = manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        saved_config = meta["config"]
+        current = json.loads(json.dumps(dict(config)))
+        if saved_config != current:
+            diff = sorted(k for k in set(saved_config) | set(current)
+                          if saved_config.get(k) != current.get(k))
+            raise CheckpointMismatchError(
+                f"checkpoint in {directory!r} was written with another configuration; "
+                f"differing keys: {', '.join(f'{k} (saved {saved_config.get(k)!r}, now {current.get(k)!r})' for k in diff)}.")
+        target = nnx.to_pure_dict(state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            arrays = manager.restore(epoch, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointMismatchError(
+                f"checkpoint in {directory!r} does not match this run's state: {err}") from err
+    _check_same(target, arrays, directory)
+    restored = jax.tree.map(lambda x: x, state)
+    nnx.replace_by_pure_dict(restored, arrays)
+    return restored, History(**meta["history"]), int(meta["epoch"])
+
+
+def _check_same(target, arrays, directory: str) -> None:
+    want = jax.tree_util.tree_flatten_with_path(target)[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(arrays)[0])
+    for path, leaf in want:
+        other = got.get(path)
+        if other is None or np.shape(other) != np.shape(leaf) or \
+                np.asarray(other).dtype != np.asarray(leaf).dtype:
+            raise CheckpointMismatchError(
+                f"checkpoint in {directory!r} does not match this run's state at "
+                f"{jax.tree_util.keystr(path)}: saved {getattr(other, 'shape', None)} "
+                f"{getattr(other, 'dtype', None)}, expected {np.shape(leaf)} {np.asarray(leaf).dtype}.")

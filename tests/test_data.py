@@ -1,0 +1,318 @@
+"""Tests for adaptive_optax.data: synthetic shapes, the nuclei crops, batching."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from adaptive_optax import data as data_lib
+from adaptive_optax.data import (
+    SegmentationData,
+    batches,
+    load_dataset,
+    nuclei_dataset,
+    nuclei_image,
+    num_batches,
+    synthetic_shapes,
+)
+
+needs_stardist = pytest.mark.skipif(
+    importlib.util.find_spec("stardist") is None
+    or importlib.util.find_spec("tifffile") is None,
+    reason="the nuclei data needs the [demo] extras (stardist, tifffile)",
+)
+
+
+def assert_well_formed(data: SegmentationData, n: int, size: int, max_instances: int):
+    """Checks shapes, dtypes, ranges and the mask/instance invariants."""
+    assert data.images.shape == (n, size, size, 1)
+    assert data.masks.shape == (n, size, size, 1)
+    assert data.instances.shape == (n, size, size)
+    assert data.images.dtype == np.float32
+    assert data.masks.dtype == np.float32
+    assert data.instances.dtype == np.int32
+    assert data.images.min() >= 0.0 and data.images.max() <= 1.0
+    assert set(np.unique(data.masks)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(data.masks[..., 0] > 0, data.instances > 0)
+    assert_consecutive(data.instances, max_instances)
+
+
+def assert_consecutive(instances: np.ndarray, max_instances: int):
+    """Every image's ids are exactly 1..K with K <= max_instances."""
+    for labels in instances:
+        ids = np.unique(labels[labels > 0])
+        np.testing.assert_array_equal(ids, np.arange(1, ids.size + 1))
+        assert ids.size <= max_instances
+
+
+# --- synthetic shapes -------------------------------------------------------
+
+
+def test_shapes_well_formed():
+    data = synthetic_shapes(16, size=32, seed=3)
+    assert_well_formed(data, 16, 32, 32)
+    # Every image has at least one object and some background.
+    assert (data.instances.max(axis=(1, 2)) >= 1).all()
+    assert (data.masks.mean(axis=(1, 2, 3)) < 0.9).all()
+
+
+def test_shapes_deterministic_by_seed():
+    a = synthetic_shapes(8, seed=5)
+    b = synthetic_shapes(8, seed=5)
+    c = synthetic_shapes(8, seed=6)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.instances, c.instances)
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_shapes_respect_max_instances():
+    data = synthetic_shapes(32, size=64, seed=0, max_instances=3)
+    assert_well_formed(data, 32, 64, 3)
+    assert data.instances.max() == 3
+
+
+def test_touching_shapes_get_distinct_ids():
+    labels = synthetic_shapes(64, seed=0).instances
+    # Horizontally adjacent foreground pixels with different ids: objects that
+    # touch or overlap are still separate instances.
+    left, right = labels[:, :, :-1], labels[:, :, 1:]
+    touching = (left > 0) & (right > 0) & (left != right)
+    assert touching.any()
+
+
+@pytest.mark.parametrize("difficulty", [-0.1, 1.5, float("nan")])
+def test_shapes_reject_bad_difficulty(difficulty):
+    with pytest.raises(ValueError, match=r"difficulty.*\[0, 1\]"):
+        synthetic_shapes(2, difficulty=difficulty)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"num_images": 0}, "num_images"),
+        ({"num_images": 2, "size": 4}, "size"),
+        ({"num_images": 2, "max_instances": 0}, "max_instances"),
+    ],
+)
+def test_shapes_reject_bad_ints(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        synthetic_shapes(**kwargs)
+
+
+def test_difficulty_keeps_geometry_and_lowers_contrast():
+    contrasts, noise = [], []
+    for difficulty in (0.0, 0.5, 1.0):
+        data = synthetic_shapes(32, seed=1, difficulty=difficulty)
+        np.testing.assert_array_equal(
+            data.instances, synthetic_shapes(32, seed=1, difficulty=0.0).instances
+        )
+        fg = data.images[data.masks > 0]
+        bg = data.images[data.masks == 0]
+        contrasts.append(fg.mean() - bg.mean())
+        # High-pass residual as a noise proxy.
+        noise.append(np.abs(np.diff(data.images, axis=2)).mean())
+    assert contrasts[0] > contrasts[1] > contrasts[2] > 0
+    assert noise[0] < noise[1] < noise[2]
+
+
+# --- nuclei -----------------------------------------------------------------
+
+
+@needs_stardist
+def test_nuclei_image_loads():
+    image, instances = nuclei_image()
+    assert image.shape == (512, 512) and image.dtype == np.float32
+    assert instances.shape == (512, 512) and instances.dtype == np.int32
+    assert image.min() == 0.0 and image.max() == 1.0
+    ids = np.unique(instances[instances > 0])
+    # 125 hand-labelled nuclei, ids not consecutive (they run up to 183).
+    assert ids.size == 125
+    assert ids.max() == 183
+    # Nuclei are brighter than the background.
+    assert image[instances > 0].mean() > 2 * image[instances == 0].mean()
+    # Returned arrays are copies: mutating them does not poison the cache.
+    image[:] = -1.0
+    assert nuclei_image()[0].min() == 0.0
+
+
+@needs_stardist
+def test_nuclei_dataset_default_recipe():
+    train, val = nuclei_dataset(num_train=32, seed=0)
+    assert_well_formed(train, 32, 64, 32)
+    assert_well_formed(val, 16, 64, 32)
+    # Validation crops are the fixed tiling of the right quarter.
+    image, instances = nuclei_image()
+    tiles = [
+        image[y : y + 64, x : x + 64] for y in range(0, 512, 64) for x in (384, 448)
+    ]
+    np.testing.assert_array_equal(val.images[..., 0], np.stack(tiles))
+    # Relabelling keeps each crop's partition of the pixels.
+    first = instances[0:64, 384:448]
+    for new_id in np.unique(val.instances[0])[1:]:
+        old_ids = np.unique(first[val.instances[0] == new_id])
+        assert old_ids.size == 1
+
+
+@needs_stardist
+def test_nuclei_dataset_deterministic_by_seed():
+    a, val_a = nuclei_dataset(num_train=8, seed=1)
+    b, val_b = nuclei_dataset(num_train=8, seed=1)
+    c, val_c = nuclei_dataset(num_train=8, seed=2)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.instances, b.instances)
+    assert not np.array_equal(a.images, c.images)
+    # The validation set does not depend on the seed.
+    np.testing.assert_array_equal(val_a.images, val_c.images)
+
+
+@pytest.fixture
+def column_coded_image(monkeypatch):
+    """Replaces the nuclei image by one whose pixel value is its column."""
+    height, width = 256, 256
+    columns = np.broadcast_to(np.arange(width, dtype=np.float32), (height, width))
+    image = columns / (width - 1)
+    # 4x4-pixel square instances on a checkerboard: many per crop.
+    yy, xx = np.mgrid[0:height, 0:width]
+    block = (yy // 4) * (width // 4) + xx // 4 + 1
+    labels = np.where(((yy // 4) + (xx // 4)) % 2 == 0, block, 0).astype(np.int32)
+    monkeypatch.setattr(data_lib, "_load_nuclei", lambda: (image, labels))
+    return image, labels
+
+
+def test_nuclei_train_and_val_columns_disjoint(column_coded_image):
+    image, _ = column_coded_image
+    width = image.shape[1]
+    train, val = nuclei_dataset(crop_size=32, num_train=200, seed=0, max_instances=1000)
+    split = 192  # 3/4 of 256 columns
+    train_columns = np.rint(train.images * (width - 1))
+    val_columns = np.rint(val.images * (width - 1))
+    # Holds under flips/rot90 too: the values are the source columns.
+    assert train_columns.max() <= split - 1
+    assert val_columns.min() >= split
+    # The random crops reach both ends of the training region.
+    assert train_columns.min() < 8 and train_columns.max() > split - 8
+    assert val.images.shape[0] == (256 // 32) * (64 // 32)
+
+
+def test_nuclei_crops_relabel_and_cap(column_coded_image):
+    train, val = nuclei_dataset(crop_size=32, num_train=16, seed=0, max_instances=5)
+    for part in (train, val):
+        assert_consecutive(part.instances, 5)
+        assert part.instances.max() == 5
+        # Capped instances lose their id but stay foreground in the mask.
+        assert ((part.masks[..., 0] > 0) >= (part.instances > 0)).all()
+        assert (part.masks[..., 0] > 0).sum() > (part.instances > 0).sum()
+    uncapped, _ = nuclei_dataset(crop_size=32, num_train=16, seed=0, max_instances=1000)
+    assert_well_formed(uncapped, 16, 32, 1000)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0.01}, "crop_size"),
+        ({"crop_size": 4}, "crop_size"),
+        ({"num_train": 0}, "num_train"),
+    ],
+)
+def test_nuclei_dataset_rejects_bad_args(column_coded_image, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nuclei_dataset(**kwargs)
+
+
+def test_missing_stardist_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
+    data_lib._load_nuclei.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"pip install 'adaptive-optax\[demo\]'"):
+            nuclei_image()
+    finally:
+        monkeypatch.undo()
+        data_lib._load_nuclei.cache_clear()
+
+
+# --- batching ---------------------------------------------------------------
+
+
+def indexed_data(n: int) -> SegmentationData:
+    """A data set whose example i is filled with the value i."""
+    values = np.arange(n, dtype=np.float32)[:, None, None, None]
+    images = np.broadcast_to(values, (n, 4, 4, 1)).copy()
+    instances = images[..., 0].astype(np.int32)
+    return SegmentationData(images, (instances > 0).astype(np.float32)[..., None], instances)
+
+
+def test_batches_fixed_shape_and_each_index_at_most_once():
+    data = indexed_data(23)
+    assert num_batches(data, 5) == 4
+    seen = []
+    for batch in batches(data, 5, seed=0, epoch=0):
+        assert batch.images.shape == (5, 4, 4, 1)
+        assert batch.masks.shape == (5, 4, 4, 1)
+        assert batch.instances.shape == (5, 4, 4)
+        # All three fields are gathered with the same indices.
+        np.testing.assert_array_equal(batch.images[..., 0], batch.instances)
+        seen.extend(batch.images[:, 0, 0, 0].astype(int).tolist())
+    assert len(seen) == 20 == len(set(seen))
+
+
+def test_batches_deterministic_and_epochs_differ():
+    data = indexed_data(64)
+
+    def order(seed: int, epoch: int) -> list[int]:
+        return [
+            int(i)
+            for b in batches(data, 8, seed=seed, epoch=epoch)
+            for i in b.images[:, 0, 0, 0]
+        ]
+
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+    assert sorted(order(0, 3)) == list(range(64))
+
+
+@pytest.mark.parametrize("batch_size", [0, 65])
+def test_batches_reject_bad_batch_size(batch_size):
+    data = indexed_data(64)
+    with pytest.raises(ValueError, match="batch_size"):
+        batches(data, batch_size, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        num_batches(data, batch_size)
+
+
+def test_batches_reject_negative_epoch():
+    with pytest.raises(ValueError, match="epoch"):
+        batches(indexed_data(4), 2, seed=0, epoch=-1)
+
+
+# --- load_dataset -----------------------------------------------------------
+
+
+def test_load_shapes():
+    train, val = load_dataset("shapes", seed=2, size=32, num_train=16, num_val=8)
+    assert_well_formed(train, 16, 32, 32)
+    assert_well_formed(val, 8, 32, 32)
+    np.testing.assert_array_equal(
+        train.images, synthetic_shapes(16, size=32, seed=2).images
+    )
+    # Validation images come from another stream, not the training ones.
+    assert not np.array_equal(val.images, train.images[:8])
+
+
+@needs_stardist
+def test_load_nuclei():
+    train, val = load_dataset("nuclei", num_train=8)
+    assert train.images.shape == (8, 64, 64, 1)
+    assert val.images.shape == (16, 64, 64, 1)
+    with pytest.raises(ValueError, match="num_val"):
+        load_dataset("nuclei", num_val=4)
+
+
+def test_load_unknown_name_lists_choices():
+    with pytest.raises(ValueError, match=r"'nuclei', 'shapes'"):
+        load_dataset("mnist")
