@@ -29,7 +29,8 @@ class History:
         evals: name -> list of per-epoch values (``epoch``, ``step``,
             ``dice``, ``iou``: mean over classes).
         interventions: One dict per intervention or rollback (step, epoch,
-            window, grad-norm EMA, learning rate and mix before and after).
+            window, grad-norm EMA, learning rate before and after, ``boost`` = the
+            multiplier on the base schedule, and the mix before and after).
     """
 
     steps: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -79,6 +80,7 @@ def fit(
     mix_label: Callable[[int], str] = str,
     on_epoch_end: Callable[[int, Any, History], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    put_batch: Callable[[SegmentationData], SegmentationData] | None = None,
 ) -> tuple[Any, History]:
     """Trains for ``epochs - start_epoch`` epochs and evaluates after each.
 
@@ -97,11 +99,15 @@ def fit(
         mix_label: Names a mix index in the intervention log.
         on_epoch_end: Called as ``on_epoch_end(epoch, state, history)``.
         on_step: Called after each step (e.g. a progress bar's ``update``).
+        put_batch: Moves a host batch to devices (default ``jnp.asarray``;
+            :func:`adaptive_optax.parallel.shard_batch` for data parallelism).
 
     Returns:
         ``(state, history)``.
     """
     history = History() if history is None else history
+    if put_batch is None:
+        put_batch = lambda batch: SegmentationData(*map(jnp.asarray, batch))  # noqa: E731
     per_epoch = num_batches(train_data, batch_size)
     if steps_per_epoch is not None:
         per_epoch = min(per_epoch, steps_per_epoch)
@@ -110,7 +116,7 @@ def fit(
         for i, batch in enumerate(batches(train_data, batch_size, seed=seed, epoch=epoch)):
             if i == per_epoch:
                 break
-            state, metrics = train_step(state, SegmentationData(*map(jnp.asarray, batch)))
+            state, metrics = train_step(state, put_batch(batch))
             rows.append(readings(metrics))
             if on_step is not None:
                 on_step()
@@ -157,6 +163,7 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
                 grad_norm_ema=float(row["grad_norm_ema"]),
                 lr_before=float(before["learning_rate"]),
                 lr_after=float(row["learning_rate"]),
+                boost=float(row["lr_multiplier"]),
                 mix_before=mix_label(int(before["mix_index"])),
                 mix_after=mix_label(int(row["mix_index"])),
                 weights_before=weights(before),

@@ -41,6 +41,7 @@ def make_optimizer(
     patience: int = 2,
     accumulation_steps: int = 1,
     cooldown: int = 1,
+    rtol: float = 1e-4,
     max_interventions: int = 3,
     seed: int = 0,
     optimizer=optax.adam,
@@ -55,6 +56,7 @@ def make_optimizer(
         patience: Plateau patience in windows.
         accumulation_steps: Steps per window (one epoch, say).
         cooldown: Windows of cooldown after an intervention.
+        rtol: Relative improvement a window needs.
         max_interventions: Cap on interventions.
         seed: Seed of the mix picks.
         optimizer: The inner optax optimizer factory.
@@ -72,7 +74,7 @@ def make_optimizer(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
     common = dict(patience=patience, accumulation_steps=accumulation_steps, cooldown=cooldown,
-                  seed=seed, policy=policy_for(strategy), optimizer=optimizer, **kwargs)
+                  rtol=rtol, seed=seed, policy=policy_for(strategy), optimizer=optimizer, **kwargs)
     intervening = strategy in ("adaptive", "adaptive-guard", "legacy")
     if strategy == "adaptive-guard":
         common["rollback"] = RollbackGuard()
@@ -87,6 +89,6 @@ def make_optimizer(
                         max_interventions=max_interventions if intervening else 0, **common)
     if strategy == "reduce-on-plateau":
         tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
-            factor=0.1, patience=patience, cooldown=cooldown,
+            factor=0.1, patience=patience, cooldown=cooldown, rtol=rtol,
             accumulation_size=accumulation_steps))
     return tx

@@ -1,0 +1,27 @@
+"""Small shared builders for the training-side tests (tiny sizes: CPU, 2 cores)."""
+
+import jax
+from flax import nnx
+
+from adaptive_optax import data, strategies, train
+from adaptive_optax.unet import UNet
+
+
+def tiny_data(n_train=32, n_val=8, size=32, seed=0, difficulty=0.3):
+    tr = data.synthetic_shapes(n_train, size=size, seed=seed, difficulty=difficulty)
+    va = data.synthetic_shapes(n_val, size=size, seed=seed + 1000, difficulty=difficulty)
+    return tr, va
+
+
+def tiny_run(strategy="adaptive", *, lr=3e-3, patience=0, accumulation_steps=2, width=4,
+             depth=1, seed=0, **kwargs):
+    """Model + optimizer + jitted steps for a tiny U-Net."""
+    model = UNet(1, 1, depth=depth, base_width=width, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+    tx = strategies.make_optimizer(strategy, lr, total_steps=100, patience=patience,
+                                   accumulation_steps=accumulation_steps, cooldown=0, seed=seed,
+                                   **kwargs)
+    graphdef, state = train.init_train_state(model, tx)
+    policy = strategies.policy_for(strategy)
+    return dict(graphdef=graphdef, state=state, policy=policy,
+                train_step=train.make_train_step(graphdef, reference_weights=policy.initial_mix),
+                eval_step=train.make_eval_step(graphdef))

@@ -1,0 +1,58 @@
+"""Orbax checkpoints: bit-identical resume, clear errors on a config mismatch."""
+
+import jax
+import numpy as np
+import pytest
+from helpers import tiny_data, tiny_run
+
+from adaptive_optax import checkpoint, loop
+
+CONFIG = {"strategy": "adaptive", "width": 4}
+
+
+def fit(run, tr, va, **kwargs):
+    return loop.fit(run["train_step"], run["eval_step"], run["state"], tr, va, batch_size=8,
+                    mix_label=run["policy"].mix_label, **kwargs)
+
+
+def test_resume_continues_bit_identically(tmp_path):
+    tr, va = tiny_data()
+    saved = {}
+
+    def save_after_epoch_1(epoch, state, history):
+        if epoch == 1:
+            checkpoint.save(str(tmp_path), epoch, state, history, CONFIG)
+            saved["plateau_count"] = history.steps["plateau_count"][-1]
+
+    full_state, full = fit(tiny_run(), tr, va, epochs=4, on_epoch_end=save_after_epoch_1)
+    assert checkpoint.latest_epoch(str(tmp_path)) == 1
+
+    fresh = tiny_run()
+    state, history, epoch = checkpoint.restore(str(tmp_path), fresh["state"], CONFIG)
+    assert epoch == 1
+    fresh["state"] = state
+    resumed_state, resumed = fit(fresh, tr, va, epochs=4, start_epoch=2, history=history)
+    assert resumed.steps["loss"] == full.steps["loss"]
+    assert resumed.steps["learning_rate"] == full.steps["learning_rate"]
+    assert resumed.interventions == full.interventions
+    for a, b in zip(jax.tree.leaves(full_state), jax.tree.leaves(resumed_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_config_mismatch_is_a_clear_error(tmp_path):
+    run = tiny_run()
+    checkpoint.save(str(tmp_path), 0, run["state"], loop.History(), CONFIG)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="width"):
+        checkpoint.restore(str(tmp_path), run["state"], {**CONFIG, "width": 8})
+
+
+def test_state_structure_mismatch_is_a_clear_error(tmp_path):
+    checkpoint.save(str(tmp_path), 0, tiny_run(width=4)["state"], loop.History(), CONFIG)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="does not match"):
+        checkpoint.restore(str(tmp_path), tiny_run(width=8)["state"], CONFIG)
+
+
+def test_missing_checkpoint(tmp_path):
+    assert checkpoint.latest_epoch(str(tmp_path / "none")) is None
+    with pytest.raises(FileNotFoundError):
+        checkpoint.restore(str(tmp_path), tiny_run()["state"], CONFIG)

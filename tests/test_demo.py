@@ -1,0 +1,88 @@
+"""The demo CLI: options, one-line errors, a tiny end-to-end run and --resume."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from adaptive_optax import demo
+
+TINY = ["--data", "shapes", "--epochs", "4", "--steps-per-epoch", "2", "--batch-size", "8",
+        "--depth", "1", "--width", "4", "--patience", "0", "--cooldown", "0", "--rtol", "0.3",
+        "--checkpoint-every", "2", "--no-progress"]
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ["--strategy", "--data", "--epochs", "--seed", "--out", "--resume",
+                   "--devices", "--checkpoint-every", "--lr", "--patience"]:
+        assert option in out
+    for strategy in ["adaptive", "legacy", "reduce-on-plateau", "constant"]:
+        assert strategy in out
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--epochs", "0"], "--epochs"),
+    (["--strategy", "magic"], "--strategy"),
+    (["--lr", "-1"], "--lr"),
+    (["--data", "mnist"], "--data"),
+    (["--devices", "64"], "--devices"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(argv, word, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert word in err
+
+
+def test_console_script_module_exits_2_on_bad_input():
+    proc = subprocess.run([sys.executable, "-m", "adaptive_optax.demo", "--batch-size", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--batch-size" in proc.stderr
+
+
+def test_tiny_run_writes_outputs_and_resume_is_bit_identical(tmp_path, capsys):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert demo.main(TINY + ["--out", full]) == 0
+    out = capsys.readouterr().out
+    assert "[intervention 1]" in out and "grad-norm EMA" in out and "base x" in out
+    assert "nucleus" in out and "Dice" in out
+    for name in ["history.json", "config.json", "run.png"]:
+        assert os.path.exists(os.path.join(full, name))
+
+    # Pretend the run died after epoch 1: keep only that checkpoint, then resume.
+    shutil.copytree(full, part)
+    shutil.rmtree(os.path.join(part, "checkpoints", "3"))
+    assert demo.main(TINY + ["--out", part, "--resume"]) == 0
+    assert "resumed from epoch 1" in capsys.readouterr().out
+    with open(os.path.join(full, "history.json")) as f, open(os.path.join(part, "history.json")) as g:
+        a, b = json.load(f), json.load(g)
+    assert a["steps"]["loss"] == b["steps"]["loss"]
+    assert a["interventions"] == b["interventions"]
+    assert a["evals"] == b["evals"]
+
+
+def test_resume_with_another_config_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = TINY + ["--epochs", "2", "--out", out]
+    assert demo.main(argv) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(TINY + ["--epochs", "2", "--out", out, "--resume", "--lr", "0.5"])
+    assert exit_info.value.code == 2
+    assert "lr" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(TINY + ["--out", str(tmp_path / "empty"), "--resume"])
+    assert exit_info.value.code == 2

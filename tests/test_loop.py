@@ -1,0 +1,54 @@
+"""The training loop's history and intervention log."""
+
+import numpy as np
+import pytest
+from helpers import tiny_data, tiny_run
+
+from adaptive_optax import loop
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    tr, va = tiny_data()
+    run = tiny_run(patience=0, accumulation_steps=2)
+    state, history = loop.fit(run["train_step"], run["eval_step"], run["state"], tr, va,
+                              epochs=3, batch_size=8, mix_label=run["policy"].mix_label)
+    return run, history
+
+
+def test_history_has_one_row_per_step_and_one_eval_per_epoch(fitted):
+    _, history = fitted
+    assert len(history.steps["loss"]) == 3 * 4
+    assert history.evals["epoch"] == [0, 1, 2]
+    assert history.evals["step"] == [4, 8, 12]
+    assert {"learning_rate", "grad_norm_ema", "weight/dice", "mix_index"} <= set(history.steps)
+
+
+def test_intervention_log_matches_the_per_step_series(fitted):
+    run, history = fitted
+    counts = history.array("intervention_count")
+    steps = [e["step"] for e in history.interventions]
+    assert steps == [int(i) for i in np.flatnonzero(np.diff(counts)) + 1]
+    for event in history.interventions:
+        i = event["step"]
+        assert event["lr_after"] == history.steps["learning_rate"][i]
+        assert event["lr_before"] == history.steps["learning_rate"][i - 1]
+        assert event["mix_after"] == run["policy"].mix_label(history.steps["mix_index"][i])
+    assert len(history.interventions) >= 1
+    if counts[-1] == 3:
+        assert history.interventions[-1]["mix_after"] == "final"
+
+
+def test_history_json_round_trip(fitted):
+    _, history = fitted
+    again = loop.History.from_json(history.to_json())
+    assert again.to_json() == history.to_json()  # NaN != NaN, so compare the text
+    assert again.steps["loss"] == history.steps["loss"]
+
+
+def test_steps_per_epoch_caps_an_epoch():
+    tr, va = tiny_data()
+    run = tiny_run()
+    _, history = loop.fit(run["train_step"], run["eval_step"], run["state"], tr, va,
+                          epochs=1, batch_size=8, steps_per_epoch=2)
+    assert len(history.steps["loss"]) == 2
