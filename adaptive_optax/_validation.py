@@ -7,9 +7,16 @@ import numbers
 from collections.abc import Sequence
 
 
-def check_int(name: str, value, *, minimum: int) -> int:
-    """Returns ``value`` as an int, or raises if it is not an integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+def check_int(name: str, value, minimum: int) -> int:
+    """Returns ``value`` as an int.
+
+    Raises:
+        TypeError: If ``value`` is not an integer (bools are not).
+        ValueError: If it is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {name} = {value!r}.")
+    if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {name} = {value!r}.")
     return int(value)
 

@@ -65,6 +65,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from adaptive_optax._validation import check_int
+
 __all__ = [
     "DATASET_NAMES",
     "SegmentationData",
@@ -104,15 +106,6 @@ class SegmentationData(NamedTuple):
     images: np.ndarray
     masks: np.ndarray
     instances: np.ndarray
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Validates that ``value`` is an int (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _relabel_consecutive(labels: np.ndarray, num_ids: int) -> np.ndarray:
@@ -291,9 +284,9 @@ def synthetic_shapes(
         >>> bool(((data.masks[..., 0] > 0) == (data.instances > 0)).all())
         True
     """
-    num_images = _check_int("num_images", num_images, 1)
-    size = _check_int("size", size, 8)
-    max_instances = _check_int("max_instances", max_instances, 1)
+    num_images = check_int("num_images", num_images, 1)
+    size = check_int("size", size, 8)
+    max_instances = check_int("max_instances", max_instances, 1)
     difficulty = float(difficulty)
     # Written so that NaN fails too.
     if not 0.0 <= difficulty <= 1.0:
@@ -470,9 +463,9 @@ def nuclei_dataset(
         >>> train.images.shape, val.images.shape
         ((16, 64, 64, 1), (16, 64, 64, 1))
     """
-    crop_size = _check_int("crop_size", crop_size, 8)
-    num_train = _check_int("num_train", num_train, 1)
-    max_instances = _check_int("max_instances", max_instances, 1)
+    crop_size = check_int("crop_size", crop_size, 8)
+    num_train = check_int("num_train", num_train, 1)
+    max_instances = check_int("max_instances", max_instances, 1)
     val_fraction = float(val_fraction)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -531,7 +524,7 @@ def num_batches(data: SegmentationData, batch_size: int) -> int:
         2
     """
     n = int(data.images.shape[0])
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if batch_size > n:
         raise ValueError(
             f"batch_size={batch_size} exceeds the {n} examples in the data set; "
@@ -571,8 +564,8 @@ def batches(
         [(4, 16, 16), (4, 16, 16)]
     """
     steps = num_batches(data, batch_size)
-    seed = _check_int("seed", seed, 0)
-    epoch = _check_int("epoch", epoch, 0)
+    seed = check_int("seed", seed, 0)
+    epoch = check_int("epoch", epoch, 0)
     order = np.random.default_rng([seed, epoch]).permutation(data.images.shape[0])
 
     # A nested generator so the validation above runs eagerly.
@@ -649,7 +642,7 @@ def load_dataset(
             max_instances=max_instances,
         )
         # Validate num_val / difficulty the same way as the public function.
-        num_val = _check_int("num_val", 64 if num_val is None else num_val, 1)
+        num_val = check_int("num_val", 64 if num_val is None else num_val, 1)
         val = _shapes_from_rng(
             np.random.default_rng([seed, 1]), num_val, size, float(difficulty), max_instances
         )

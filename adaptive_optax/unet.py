@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from adaptive_optax._validation import check_int
+
 __all__ = ["NORMS", "UNet", "count_params", "group_count"]
 
 NORMS: tuple[str | None, ...] = ("batch", "group", None)
@@ -62,15 +64,6 @@ def group_count(channels: int, max_groups: int = 8) -> int:
         if channels % groups == 0:
             return groups
     return 1
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """Validates that ``value`` is an int (not a bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class ConvBlock(nnx.Module):
@@ -206,10 +199,10 @@ class UNet(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("depth", depth, 0)
-        _check_int("base_width", base_width, 1)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("depth", depth, 0)
+        check_int("base_width", base_width, 1)
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
         self.in_channels = in_channels

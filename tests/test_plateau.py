@@ -137,7 +137,6 @@ def test_state_shape_and_dtype_do_not_drift():
     "kwargs, name",
     [
         (dict(patience=-1), "patience"),
-        (dict(patience=1.5), "patience"),
         (dict(accumulation_steps=0), "accumulation_steps"),
         (dict(cooldown=-2), "cooldown"),
         (dict(mode="maximum"), "mode"),
@@ -150,3 +149,10 @@ def test_state_shape_and_dtype_do_not_drift():
 def test_invalid_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
         PlateauDetector(**kwargs)
+
+
+def test_non_integer_counts_are_type_errors():
+    with pytest.raises(TypeError, match="patience"):
+        PlateauDetector(patience=1.5)
+    with pytest.raises(TypeError, match="accumulation_steps"):
+        PlateauDetector(accumulation_steps=True)

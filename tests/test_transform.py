@@ -378,4 +378,4 @@ def test_init_state_leaves_are_distinct_buffers_so_the_state_can_be_donated():
     assert len({id(x) for x in leaves}) == len(leaves)
     step = jax.jit(lambda s, g, p: tx.update(g, s, p, value=jnp.float32(1.0))[1], donate_argnums=0)
     state = step(state, grads_with_norm(0.1), params)
-    chex.assert_tree_all_finite(state)
+    chex.assert_tree_all_finite((state.optimizer_state, state.intervention, state.loss_weights))
