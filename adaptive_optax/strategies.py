@@ -44,6 +44,7 @@ def make_optimizer(
     rtol: float = 1e-4,
     max_interventions: int = 3,
     seed: int = 0,
+    policy: InterventionPolicy | None = None,
     optimizer=optax.adam,
     **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
@@ -59,6 +60,7 @@ def make_optimizer(
         rtol: Relative improvement a window needs.
         max_interventions: Cap on interventions.
         seed: Seed of the mix picks.
+        policy: Overrides the strategy's intervention policy.
         optimizer: The inner optax optimizer factory.
         **kwargs: More :func:`plateau_escape` options.
 
@@ -74,7 +76,7 @@ def make_optimizer(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
     common = dict(patience=patience, accumulation_steps=accumulation_steps, cooldown=cooldown,
-                  rtol=rtol, seed=seed, policy=policy_for(strategy), optimizer=optimizer, **kwargs)
+                  rtol=rtol, seed=seed, policy=policy or policy_for(strategy), optimizer=optimizer, **kwargs)
     intervening = strategy in ("adaptive", "adaptive-guard", "legacy")
     if strategy == "adaptive-guard":
         common["rollback"] = RollbackGuard()
@@ -88,7 +90,9 @@ def make_optimizer(
     tx = plateau_escape(learning_rate=schedule,
                         max_interventions=max_interventions if intervening else 0, **common)
     if strategy == "reduce-on-plateau":
+        # optax cuts when its count *equals* patience; ours acts on window
+        # patience + 1, so the two strategies wait equally long.
         tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
-            factor=0.1, patience=patience, cooldown=cooldown, rtol=rtol,
+            factor=0.1, patience=patience + 1, cooldown=cooldown, rtol=rtol,
             accumulation_size=accumulation_steps))
     return tx

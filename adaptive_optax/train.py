@@ -58,12 +58,16 @@ def state_readings(opt_state: optax.OptState) -> dict[str, jax.Array]:
     out. A chained ``optax.contrib.reduce_on_plateau`` scales the updates after
     ``plateau_escape``, so its ``scale`` is folded into ``learning_rate``.
     """
+    # Fields are read inside the plateau-escape state: a chained optax
+    # reduce_on_plateau has its own best_value, plateau_count and cooldown_count.
+    own = optax.tree.get(opt_state, "PlateauEscapeState")
+    own = opt_state if own is None else own
     out = {}
     for name in STATE_FIELDS:
-        value = optax.tree.get(opt_state, name)
+        value = optax.tree.get(own, name)
         if value is not None:
             out[name] = value
-    for name, weight in optax.tree.get(opt_state, "loss_weights").items():
+    for name, weight in optax.tree.get(own, "loss_weights").items():
         out[f"weight/{name}"] = weight
     # Looked up by class name: a bare "scale" would also match GroupNorm params in mu/nu.
     reduce_state = optax.tree.get(opt_state, "ReduceLROnPlateauState")

@@ -37,3 +37,30 @@ def test_reduce_on_plateau_is_optax_contrib():
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="strategy"):
         strategies.make_optimizer("magic", 1e-3, total_steps=10)
+
+
+def test_reduce_on_plateau_train_step_reads_our_fields_and_its_scale():
+    from helpers import tiny_data, tiny_run
+
+    from adaptive_optax import data
+
+    run = tiny_run("reduce-on-plateau", patience=0, accumulation_steps=1, rtol=0.5)
+    tr, _ = tiny_data()
+    batch = data.SegmentationData(*(jnp.asarray(a[:8]) for a in tr))
+    state = run["state"]
+    lrs = []
+    for _ in range(3):
+        state, metrics = run["train_step"](state, batch)
+        lrs.append(float(metrics.readings["learning_rate"]))
+    # patience=0: optax's plateau_count reaches 1 on the first bad window -> scale 0.1.
+    assert lrs[0] == pytest.approx(3e-3)
+    assert lrs[1] == pytest.approx(3e-4)
+    assert int(metrics.readings["intervention_count"]) == 0
+
+
+def test_custom_policy_is_accepted():
+    from adaptive_optax.policy import adaptive_policy
+
+    policy = adaptive_policy(damping=(1.0, 0.5))
+    tx = strategies.make_optimizer("adaptive", 1e-3, total_steps=10, policy=policy)
+    assert tx.init({"w": jnp.ones(2)}) is not None
