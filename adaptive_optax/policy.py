@@ -17,7 +17,9 @@ Its defaults are the seed's rules:
   also what its default ``avg_gradient_norm=0.1`` yields), still damped.
 * **Loss mixes.** Interventions pick a mix uniformly at random from ``mixes``
   (default: the seed's five), never re-picking the current one when
-  ``avoid_repeat``; the last allowed intervention uses ``final_mix`` (the
+  ``avoid_repeat``. The picks of all interventions are drawn at ``init`` from
+  the state's PRNG key (``planned_mix_index``), so a run's plan is reproducible
+  from its seed and visible in advance; the last allowed intervention uses ``final_mix`` (the
   seed's conservative dice 0.6 / focal 0.4). ``mix_plan`` overrides this per
   intervention with ``"random"``, ``"final"``, ``"keep"`` or a table index.
 * **Optimizer reset** per intervention with ``reset_optimizer``.
@@ -69,7 +71,8 @@ class InterventionState(NamedTuple):
     boost_to: jax.Array  # float32 [], target multiplier of the latest intervention
     boost_step: jax.Array  # int32 [], step of the latest intervention (-1: none)
     mix_index: jax.Array  # int32 [], row of InterventionPolicy.all_mixes in use
-    rng_key: jax.Array  # uint32 [2], raw PRNG key for mix picks
+    planned_mix_index: jax.Array  # int32 [max(cap, 1)], mix of each intervention, drawn at init
+    rng_key: jax.Array  # uint32 [2], raw PRNG key the plan was drawn from (seed)
     conservatism: jax.Array  # float32 [], boost scale in [0, 1], shrunk by rollbacks
     force_final_mix: jax.Array  # bool [], next intervention uses final_mix (after a rollback)
 
@@ -80,7 +83,6 @@ class Decision(NamedTuple):
     boost: jax.Array  # float32 [], multiplier on the base learning rate
     mix_index: jax.Array  # int32 [], row of all_mixes
     reset: jax.Array  # bool [], re-initialise the inner optimizer
-    rng_key: jax.Array  # uint32 [2], the key to keep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +214,37 @@ class InterventionPolicy:
         return (_stretch(self.fixed_boosts, n, np.float32), _stretch(self.damping, n, np.float32),
                 _stretch(codes, n, np.int32), _stretch(self.reset_optimizer, n, np.bool_))
 
+    def plan_mixes(self, key: jax.Array, max_interventions: int) -> jax.Array:
+        """Draws the mix index of every intervention in advance, from ``key``.
+
+        Drawing the whole plan once (at ``init``) keeps random-number
+        generation out of the per-step update, where it would cost several
+        kernels every step for a pick that happens at most a few times.
+
+        Args:
+            key: Raw ``uint32[2]`` PRNG key.
+            max_interventions: The cap; the plan has ``max(cap, 1)`` entries.
+
+        Returns:
+            int32 ``[max(max_interventions, 1)]`` rows of :attr:`all_mixes`.
+        """
+        codes = self.plan(max_interventions)[2]
+        n = len(self.mixes)
+        current = jnp.asarray(self.initial_index, jnp.int32)
+        picks = []
+        for code in codes.tolist():
+            key, pick_key = jax.random.split(key)
+            if code == _RANDOM:
+                in_table = (current < n) & self.avoid_repeat & (n > 1)
+                r = jax.random.randint(pick_key, [], 0, n - in_table.astype(jnp.int32))
+                current = r + (in_table & (r >= current)).astype(jnp.int32)
+            elif code == _FINAL:
+                current = jnp.asarray(self.final_index, jnp.int32)
+            elif code != _KEEP:
+                current = jnp.asarray(code, jnp.int32)
+            picks.append(current)
+        return jnp.stack(picks).astype(jnp.int32)
+
     def decide(
         self,
         state: InterventionState,
@@ -229,31 +262,22 @@ class InterventionPolicy:
         Returns:
             The :class:`Decision` for intervention ``intervention_count + 1``.
         """
-        fixed, damping, codes, resets = (jnp.asarray(a) for a in self.plan(max_interventions))
+        fixed, damping, _, resets = (jnp.asarray(a) for a in self.plan(max_interventions))
         k = jnp.minimum(state.intervention_count, fixed.shape[0] - 1)
         if self.use_grad_norm:
+            # The bin is the number of edges <= norm; a compare-and-sum fuses into
+            # one kernel where jnp.searchsorted would lower to a while loop.
             edges = jnp.asarray(self.grad_norm_thresholds, jnp.float32)
-            bin_index = jnp.searchsorted(edges, grad_norm, side="right")
+            bin_index = jnp.sum((grad_norm >= edges).astype(jnp.int32))
             base = jnp.asarray(self.grad_norm_boosts, jnp.float32)[bin_index]
         else:
             base = fixed[k]
         boost = base * damping[k]
         # A rollback shrinks later boosts towards 1 (no change), not towards 0.
         boost = 1.0 + (boost - 1.0) * state.conservatism
-
-        new_key, pick_key = jax.random.split(state.rng_key)
-        n = len(self.mixes)
-        current = state.mix_index
-        in_table = (current < n) & self.avoid_repeat & (n > 1)
-        r = jax.random.randint(pick_key, [], 0, n - in_table.astype(jnp.int32))
-        random_index = r + (in_table & (r >= current)).astype(jnp.int32)
-        code = codes[k]
-        mix_index = jnp.select(
-            [state.force_final_mix | (code == _FINAL), code == _RANDOM, code == _KEEP],
-            [self.final_index, random_index, current],
-            default=code,
-        ).astype(jnp.int32)
-        return Decision(boost.astype(jnp.float32), mix_index, resets[k], new_key)
+        planned = state.planned_mix_index[jnp.minimum(k, state.planned_mix_index.shape[0] - 1)]
+        mix_index = jnp.where(state.force_final_mix, self.final_index, planned).astype(jnp.int32)
+        return Decision(boost.astype(jnp.float32), mix_index, resets[k])
 
 
 def _mix_names(name: str, mix) -> tuple[str, ...]:

@@ -170,6 +170,7 @@ def plateau_escape(
             boost_to=jnp.ones([], jnp.float32),
             boost_step=jnp.full([], -1, jnp.int32),
             mix_index=jnp.asarray(policy.initial_index, jnp.int32),
+            planned_mix_index=policy.plan_mixes(key, max_interventions),
             rng_key=key,
             conservatism=jnp.ones([], jnp.float32),
             force_final_mix=jnp.zeros([], jnp.bool_),
@@ -242,7 +243,8 @@ def plateau_escape(
             boost_to=pick(decision.boost, snap_mult, old.boost_to),
             boost_step=jnp.where(changed, step, old.boost_step),
             mix_index=pick(decision.mix_index, snap_mix, old.mix_index),
-            rng_key=jnp.where(intervene, decision.rng_key, old.rng_key),
+            planned_mix_index=old.planned_mix_index,
+            rng_key=old.rng_key,
             conservatism=jnp.where(rolled_back, old.conservatism * shrink, old.conservatism),
             force_final_mix=pick(False, True, old.force_final_mix),
         )

@@ -16,14 +16,18 @@ from adaptive_optax.policy import (
 )
 
 
-def state(policy, count=0, mix_index=None, seed=0, conservatism=1.0, force_final=False):
+def state(policy, count=0, mix_index=None, seed=0, conservatism=1.0, force_final=False,
+          max_interventions=3):
+    current = policy.initial_index if mix_index is None else mix_index
+    plan = policy.plan_mixes(jax.random.PRNGKey(seed), max_interventions)
     return InterventionState(
         intervention_count=jnp.int32(count),
         lr_multiplier=jnp.float32(1.0),
         boost_from=jnp.float32(1.0),
         boost_to=jnp.float32(1.0),
         boost_step=jnp.int32(-1),
-        mix_index=jnp.int32(policy.initial_index if mix_index is None else mix_index),
+        mix_index=jnp.int32(current),
+        planned_mix_index=plan,
         rng_key=jax.random.PRNGKey(seed),
         conservatism=jnp.float32(conservatism),
         force_final_mix=jnp.bool_(force_final),
@@ -68,35 +72,42 @@ def test_last_intervention_uses_the_balanced_mix_others_random():
     assert 0 <= int(first.mix_index) < len(SEED_MIXES)
 
 
+def plans(policy, seeds, max_interventions=3):
+    return [policy.plan_mixes(jax.random.PRNGKey(s), max_interventions).tolist() for s in seeds]
+
+
 def test_random_picks_are_uniform_and_reproducible():
     p = adaptive_policy()
-    picks = [int(p.decide(state(p, seed=s), jnp.float32(0.04), 3).mix_index) for s in range(400)]
-    counts = np.bincount(picks, minlength=len(SEED_MIXES))
+    firsts = [plan[0] for plan in plans(p, range(400))]
+    counts = np.bincount(firsts, minlength=len(SEED_MIXES))
     assert counts.min() > 50  # 80 expected per mix
-    again = [int(p.decide(state(p, seed=s), jnp.float32(0.04), 3).mix_index) for s in range(20)]
-    assert again == picks[:20]
+    assert plans(p, range(20)) == plans(p, range(20))
 
 
 def test_avoid_repeat_never_repicks_current_mix():
-    p = adaptive_policy()
-    for current in range(len(SEED_MIXES)):
-        picks = {int(p.decide(state(p, mix_index=current, seed=s), jnp.float32(0.04), 3).mix_index)
-                 for s in range(60)}
-        assert current not in picks
-        assert len(picks) == len(SEED_MIXES) - 1
+    p = adaptive_policy(mix_plan=("random",))
+    for plan in plans(p, range(60), max_interventions=6):
+        assert all(a != b for a, b in zip(plan, plan[1:]))
+    # Every other mix is reachable from every mix.
+    pairs = {(a, b) for plan in plans(p, range(200), 6) for a, b in zip(plan, plan[1:])}
+    assert len(pairs) == len(SEED_MIXES) * (len(SEED_MIXES) - 1)
 
 
 def test_repeat_allowed_when_configured():
-    p = adaptive_policy(avoid_repeat=False)
-    picks = {int(p.decide(state(p, mix_index=0, seed=s), jnp.float32(0.04), 3).mix_index)
-             for s in range(100)}
-    assert 0 in picks
+    p = adaptive_policy(mix_plan=("random",), avoid_repeat=False)
+    assert any(a == b for plan in plans(p, range(60), 6) for a, b in zip(plan, plan[1:]))
 
 
 def test_mix_plan_keep_and_index():
     p = adaptive_policy(mix_plan=("keep", 3, "final"))
-    assert int(p.decide(state(p, mix_index=1), jnp.float32(0.04), 3).mix_index) == 1
-    assert int(p.decide(state(p, count=1), jnp.float32(0.04), 3).mix_index) == 3
+    assert plans(p, [0])[0] == [p.initial_index, 3, p.final_index]
+
+
+def test_decide_reads_the_planned_mix():
+    p = adaptive_policy()
+    s = state(p, count=1)
+    d = p.decide(s, jnp.float32(0.04), 3)
+    assert int(d.mix_index) == int(s.planned_mix_index[1])
 
 
 def test_force_final_and_conservatism_after_rollback():
