@@ -95,27 +95,41 @@ def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None 
                 f"checkpoint in {directory!r} was written with another configuration; "
                 f"differing keys: {', '.join(f'{k} (saved {saved_config.get(k)!r}, now {current.get(k)!r})' for k in diff)}.")
         target = nnx.to_pure_dict(state)
+        # Compare shapes and dtypes from the metadata first: a restore that fails
+        # half-way leaves Orbax's aborted reads running in the background.
+        saved = ocp.StandardCheckpointer().metadata(
+            os.path.join(os.path.abspath(directory), str(epoch), "state")).item_metadata.tree
+        _check_same(_signature(target), _signature(saved), directory)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        try:
-            arrays = manager.restore(epoch, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))["state"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointMismatchError(
-                f"checkpoint in {directory!r} does not match this run's state: {err}") from err
-    _check_same(target, arrays, directory)
+        arrays = manager.restore(epoch, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
     restored = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(restored, arrays)
     return restored, History(**meta["history"]), int(meta["epoch"])
 
 
-def _check_same(target, arrays, directory: str) -> None:
-    want = jax.tree_util.tree_flatten_with_path(target)[0]
-    got = dict(jax.tree_util.tree_flatten_with_path(arrays)[0])
-    for path, leaf in want:
-        other = got.get(path)
-        if other is None or np.shape(other) != np.shape(leaf) or \
-                np.asarray(other).dtype != np.asarray(leaf).dtype:
-            raise CheckpointMismatchError(
-                f"checkpoint in {directory!r} does not match this run's state at "
-                f"{jax.tree_util.keystr(path)}: saved {getattr(other, 'shape', None)} "
-                f"{getattr(other, 'dtype', None)}, expected {np.shape(leaf)} {np.asarray(leaf).dtype}.")
+def _signature(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
+    """Path (as strings) -> (shape, dtype) of every array leaf."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        out[key] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return out
+
+
+def _check_same(want: dict, got: dict, directory: str) -> None:
+    if want == got:
+        return
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    changed = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} arrays missing from it (e.g. {'/'.join(missing[0])})")
+    if extra:
+        parts.append(f"{len(extra)} arrays this run does not have (e.g. {'/'.join(extra[0])})")
+    if changed:
+        k = changed[0]
+        parts.append(f"{len(changed)} arrays of another shape or dtype (e.g. {'/'.join(k)}: "
+                     f"saved {got[k][0]} {got[k][1]}, expected {want[k][0]} {want[k][1]})")
+    raise CheckpointMismatchError(
+        f"checkpoint in {directory!r} does not match this run's state: {'; '.join(parts)}.")

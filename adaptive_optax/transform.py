@@ -209,7 +209,10 @@ def plateau_escape(
             grads_finite = jnp.isfinite(norm)
             grad_state = update_grad_norm(grad_state, norm, grad_norm_decay)
 
-        plateau_state, event = detector.update(state.plateau, value)
+        # A step whose update is skipped must not feed the detector: its loss
+        # repeats the frozen model's, which would look like a plateau.
+        monitored = jnp.where(grads_finite, value, jnp.nan) if skip_nonfinite_updates else value
+        plateau_state, event = detector.update(state.plateau, monitored)
         old = state.intervention
         current_multiplier = boost_multiplier(
             step - old.boost_step, old.boost_from, old.boost_to,
