@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from adaptive_optax._validation import check_int
+from adaptive_optax._validation import check_float, check_int
 
 __all__ = [
     "DATASET_NAMES",
@@ -286,12 +286,9 @@ def synthetic_shapes(
     """
     num_images = check_int("num_images", num_images, 1)
     size = check_int("size", size, 8)
-    max_instances = check_int("max_instances", max_instances, 1)
-    difficulty = float(difficulty)
-    # Written so that NaN fails too.
-    if not 0.0 <= difficulty <= 1.0:
-        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
-    rng = np.random.default_rng(seed)
+    max_instances = check_int("max_instances", max_instances, 1, maximum=2**63 - 1)
+    difficulty = check_float("difficulty", difficulty, low=0.0, high=1.0)
+    rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
     return _shapes_from_rng(rng, num_images, size, difficulty, max_instances)
 
 
@@ -465,7 +462,7 @@ def nuclei_dataset(
     """
     crop_size = check_int("crop_size", crop_size, 8)
     num_train = check_int("num_train", num_train, 1)
-    max_instances = check_int("max_instances", max_instances, 1)
+    max_instances = check_int("max_instances", max_instances, 1, maximum=2**63 - 1)
     val_fraction = float(val_fraction)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -479,7 +476,7 @@ def nuclei_dataset(
             f"{width - split} of {width} columns ({height} rows)"
         )
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
     ys = rng.integers(0, height - crop_size + 1, size=num_train)
     xs = rng.integers(0, split - crop_size + 1, size=num_train)
     flips = rng.uniform(size=(num_train, 2)) < 0.5
@@ -621,6 +618,10 @@ def load_dataset(
         >>> train.images.shape, val.images.shape
         ((8, 64, 64, 1), (16, 64, 64, 1))
     """
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
+    difficulty = check_float("difficulty", difficulty, low=0.0, high=1.0)
+    if num_train is not None:
+        num_train = check_int("num_train", num_train, 1)
     if name == "nuclei":
         if num_val is not None:
             raise ValueError(
@@ -644,7 +645,7 @@ def load_dataset(
         # Validate num_val / difficulty the same way as the public function.
         num_val = check_int("num_val", 64 if num_val is None else num_val, 1)
         val = _shapes_from_rng(
-            np.random.default_rng([seed, 1]), num_val, size, float(difficulty), max_instances
+            np.random.default_rng([seed, 1]), num_val, size, difficulty, max_instances
         )
         return train, val
-    raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASET_NAMES)}")
+    raise ValueError(f"name must be one of {list(DATASET_NAMES)}, got name = {name!r}")

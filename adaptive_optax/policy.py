@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_optax._validation import check_floats
+from adaptive_optax._validation import check_bool, check_floats
 
 LossMix = Mapping[str, float]
 MixStep = Union[str, int]
@@ -128,6 +128,8 @@ class InterventionPolicy:
     reset_optimizer: Sequence[bool] = (False,)
 
     def __post_init__(self):
+        check_bool("use_grad_norm", self.use_grad_norm)
+        check_bool("avoid_repeat", self.avoid_repeat)
         thresholds = check_floats("grad_norm_thresholds", self.grad_norm_thresholds,
                                   low=0.0, low_open=True)
         if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
@@ -140,7 +142,8 @@ class InterventionPolicy:
                 f"{len(thresholds) + 1} entries (one per bin), got {len(boosts)}.")
         check_floats("damping", self.damping, low=0.0, low_open=True)
         check_floats("fixed_boosts", self.fixed_boosts, low=0.0, low_open=True)
-        if not isinstance(self.mixes, Sequence) or len(self.mixes) == 0:
+        if isinstance(self.mixes, (str, bytes, Mapping)) or not isinstance(self.mixes, Sequence) \
+                or len(self.mixes) == 0:
             raise ValueError(f"mixes must be a non-empty sequence of dicts, got mixes = {self.mixes!r}.")
         names = _mix_names("initial_mix", self.initial_mix)
         for i, mix in enumerate(self.mixes):
@@ -148,7 +151,8 @@ class InterventionPolicy:
         _check_mix("initial_mix", self.initial_mix, names)
         _check_mix("final_mix", self.final_mix, names)
         if self.mix_plan is not None:
-            if isinstance(self.mix_plan, (str, bytes)) or len(self.mix_plan) == 0:
+            if isinstance(self.mix_plan, (str, bytes)) or not isinstance(self.mix_plan, Sequence) \
+                    or len(self.mix_plan) == 0:
                 raise ValueError(f"mix_plan must be None or a non-empty sequence, got {self.mix_plan!r}.")
             for i, step in enumerate(self.mix_plan):
                 ok = step in _PLAN_WORDS if isinstance(step, str) else (
@@ -158,7 +162,7 @@ class InterventionPolicy:
                     raise ValueError(
                         f"mix_plan[{i}] must be one of {_PLAN_WORDS} or an index in "
                         f"[0, {len(self.mixes)}), got {step!r}.")
-        if len(self.reset_optimizer) == 0 or not all(
+        if not isinstance(self.reset_optimizer, Sequence) or len(self.reset_optimizer) == 0 or not all(
                 isinstance(r, (bool, np.bool_)) for r in self.reset_optimizer):
             raise ValueError("reset_optimizer must be a non-empty sequence of bools, got "
                              f"reset_optimizer = {self.reset_optimizer!r}.")
@@ -281,8 +285,9 @@ class InterventionPolicy:
 
 
 def _mix_names(name: str, mix) -> tuple[str, ...]:
-    if not isinstance(mix, Mapping) or not mix:
-        raise ValueError(f"{name} must be a non-empty dict of loss weights, got {name} = {mix!r}.")
+    if not isinstance(mix, Mapping) or not mix or not all(isinstance(k, str) for k in mix):
+        raise ValueError(f"{name} must be a non-empty dict from loss names (str) to weights, "
+                         f"got {name} = {mix!r}.")
     return tuple(sorted(mix))
 
 

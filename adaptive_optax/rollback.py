@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from adaptive_optax._validation import check_float, check_int
+from adaptive_optax._validation import check_bool, check_float, check_int
 
 
 class RollbackState(NamedTuple):
@@ -71,6 +71,8 @@ class RollbackGuard:
         check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)
         check_float("atol", self.atol, low=0.0, high=math.inf, high_open=True)
         check_float("shrink", self.shrink, low=0.0, high=1.0)
+        check_bool("stop_after_rollback", self.stop_after_rollback)
+        check_bool("reset_optimizer", self.reset_optimizer)
 
     def init(self, params, initial_mix_index: int) -> RollbackState:
         """The guard's state before any intervention."""

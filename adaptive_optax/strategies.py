@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import optax
 
+from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.policy import InterventionPolicy, adaptive_policy, legacy_policy
 from adaptive_optax.rollback import RollbackGuard
 from adaptive_optax.transform import plateau_escape
@@ -75,6 +76,9 @@ def make_optimizer(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
+    total_steps = check_int("total_steps", total_steps, 1)
+    max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
+    learning_rate = check_float("learning_rate", learning_rate, low=0.0, low_open=True)
     common = dict(patience=patience, accumulation_steps=accumulation_steps, cooldown=cooldown,
                   rtol=rtol, seed=seed, policy=policy or policy_for(strategy), optimizer=optimizer, **kwargs)
     intervening = strategy in ("adaptive", "adaptive-guard", "legacy")
@@ -82,7 +86,7 @@ def make_optimizer(
         common["rollback"] = RollbackGuard()
     schedule = learning_rate
     if strategy == "cosine":
-        schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.01)
+        schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.01)
     elif strategy == "sgdr":
         cycle = max(total_steps // 4, 1)
         schedule = optax.sgdr_schedule([dict(init_value=learning_rate, peak_value=learning_rate,

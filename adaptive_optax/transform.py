@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_optax._validation import check_float, check_int
+from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import GradNormState, global_norm, init_grad_norm, update_grad_norm
 from adaptive_optax.plateau import PlateauDetector, PlateauState
@@ -107,8 +107,9 @@ def plateau_escape(
             intervention; an int >= 1 decays it linearly back to the base.
         max_learning_rate: Optional cap on the effective learning rate (> 0).
         rollback: Optional :class:`RollbackGuard`; costs one parameter copy.
-        skip_nonfinite_updates: On non-finite gradients, return zero updates
-            and keep the inner state (counted in ``nonfinite_grad_count``).
+        skip_nonfinite_updates: On non-finite gradients, return zero updates,
+            keep the inner optimizer state, skip the step's monitored value,
+            and count the step in ``nonfinite_grad_count``.
         **optimizer_kwargs: Forwarded to ``optimizer`` (e.g. ``b1=0.95``).
 
     Returns:
@@ -130,8 +131,9 @@ def plateau_escape(
     """
     detector = PlateauDetector(patience=patience, accumulation_steps=accumulation_steps,
                                cooldown=cooldown, mode=mode, rtol=rtol, atol=atol)
-    max_interventions = check_int("max_interventions", max_interventions, minimum=0)
-    seed = check_int("seed", seed, minimum=0)
+    # The per-intervention plan is an array of this length in the state.
+    max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)  # any seed jax.random.PRNGKey takes
     grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
                                   high_open=True)
     boost_warmup_steps = check_int("boost_warmup_steps", boost_warmup_steps, minimum=0)
@@ -140,6 +142,7 @@ def plateau_escape(
     if max_learning_rate is not None:
         max_learning_rate = check_float("max_learning_rate", max_learning_rate, low=0.0,
                                         high=math.inf, low_open=True, high_open=True)
+    skip_nonfinite_updates = check_bool("skip_nonfinite_updates", skip_nonfinite_updates)
     if policy is None:
         policy = InterventionPolicy()
     elif not isinstance(policy, InterventionPolicy):
@@ -270,6 +273,9 @@ def plateau_escape(
                                                 **extra_args)
         keep = grads_finite & ~rolled_back
         if skip_nonfinite_updates or rollback is not None:
+            # An elementwise select that XLA fuses into the moment updates. (Zeroing the
+            # gradients before the update instead measured no faster at 1e6 parameters
+            # on CPU, and would decay Adam's moments on a skipped step.)
             inner_out = optax.tree.where(keep, inner_out, inner_in)
         if skip_nonfinite_updates:
             inner_updates = jax.tree.map(
@@ -342,10 +348,16 @@ def _inner_optimizer(optimizer, optimizer_kwargs) -> optax.GradientTransformatio
                         f"{list(params)}.")
     if "learning_rate" in optimizer_kwargs:
         raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
+    try:
+        inspect.signature(optimizer).bind(learning_rate=1.0, **optimizer_kwargs)
+    except TypeError as err:
+        raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} do not fit "
+                        f"{getattr(optimizer, '__name__', optimizer)!r}: {err}.") from None
 
     def with_rate(learning_rate):
         return optimizer(learning_rate=learning_rate, **optimizer_kwargs)
 
+    # Building it now surfaces a bad optimizer argument here, not at init.
     # Only the rate is injected: the other hyperparameters stay Python floats,
     # so an injected float32 b1 cannot promote bfloat16 moments to float32.
     # The placeholder rate is overwritten in the state before every update.
