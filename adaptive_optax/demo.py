@@ -156,9 +156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the demo; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.devices > 1:
+        from adaptive_optax import parallel
+
+        try:  # on CPU, split the host into N devices; must happen before any array exists
+            parallel.set_cpu_device_count(args.devices)
+        except RuntimeError:
+            pass  # JAX already running (e.g. called from a notebook): use the devices it has
     if args.devices > jax.device_count():
         parser.error(f"--devices {args.devices} exceeds the {jax.device_count()} available "
                      "devices (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    if args.batch_size % args.devices:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
     try:
         parts = build(args)
     except (ValueError, ImportError) as err:
@@ -177,12 +186,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_epoch = last + 1
         print(f"resumed from epoch {last} in {ckpt_dir}")
 
-    put_batch = None
+    put_batch, train_step = None, parts["train_step"]
     if args.devices > 1:
-        from adaptive_optax import parallel
-
+        # Replicated state, batch split over the "data" axis: jit's sharding
+        # propagation makes the loss and gradients global means, so every
+        # device takes the same plateau decisions (docs/multidevice.md).
         mesh = parallel.data_parallel_mesh(args.devices)
         state = parallel.replicate(state, mesh)
+        train_step = parallel.data_parallel(train_step, mesh)
         put_batch = lambda batch: parallel.shard_batch(batch, mesh)  # noqa: E731
 
     print(f"adaptive-optax demo: strategy {args.strategy}, data {args.data} "
@@ -211,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     state, history = fit(
-        parts["train_step"], parts["eval_step"], state, parts["train"], parts["val"],
+        train_step, parts["eval_step"], state, parts["train"], parts["val"],
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
         start_epoch=start_epoch, history=history, steps_per_epoch=parts["steps_per_epoch"],
         mix_label=parts["policy"].mix_label, on_epoch_end=on_epoch_end,

@@ -86,3 +86,19 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(TINY + ["--out", str(tmp_path / "empty"), "--resume"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.multidevice
+def test_data_parallel_demo_run_in_a_fresh_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptive_optax.demo", *TINY, "--epochs", "2", "--devices", "2",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "x2" in proc.stdout and "Dice" in proc.stdout
+
+
+def test_batch_size_must_split_over_devices(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--batch-size", "3", "--devices", "2"])
+    assert exit_info.value.code == 2
+    assert "--batch-size" in capsys.readouterr().err
