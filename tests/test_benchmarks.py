@@ -1,0 +1,113 @@
+"""The benchmark scripts' --quick modes run and print their tables (so they cannot rot).
+
+Each script runs in a subprocess with this interpreter, exactly as a user
+would start it; the assertions check the exit code and the table headers and
+rows, not the timings (those depend on the machine). Measured here (2 shared
+CPU cores): overhead --quick ~35 s (marked slow), strategies --quick ~20 s,
+grad_norm_trap --quick ~11 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def run_script(name: str, *args: str, timeout: float = 300) -> str:
+    """Runs ``benchmarks/<name>`` and returns its stdout; fails with the output on error."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, name), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{name} {' '.join(args)} exited {proc.returncode}\n"
+        f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def assert_header(out: str) -> None:
+    assert "# command: " in out
+    assert "# device: " in out
+    assert "# jax " in out
+
+
+def test_help():
+    # One script only: each start imports jax (seconds); the quick runs below cover the rest.
+    out = run_script("strategies.py", "--help", timeout=120)
+    for flag in ("--quick", "--out", "--seeds", "--data", "--plot"):
+        assert flag in out, flag
+
+
+@pytest.mark.slow
+def test_overhead_quick(tmp_path):
+    path = tmp_path / "overhead.json"
+    out = run_script("overhead.py", "--quick", "--out", str(path))
+    assert_header(out)
+    for row in ["(a)      optax.adam", "(b)      adam + contrib.reduce_on_plateau",
+                "(c)      plateau_escape(adam)", "(d)      plateau_escape(adam, rollback",
+                "(e)      clip_by_global_norm(1) + adam"]:
+        assert out.count(row) >= 2, row  # tiny conv net and U-Net tables
+    for header in ["## tiny conv net", "## U-Net", "optimizer only", "## targets",
+                   "## model-size sweep", "## batch sweep", "## compiles and host transfers"]:
+        assert header in out, header
+    assert "ratio min" in out and "ratio median" in out and "extra B" in out
+    # The in-graph design: one compile, no host transfer, 3 interventions.
+    assert out.count("compiles: 1, transfers: 0, interventions: 3") == 3
+    result = json.loads(path.read_text())
+    stats = result["tiny"]["stats"]
+    assert set(stats) == {"a", "b", "c", "d", "e"}
+    assert stats["a"]["ratio_median"] == pytest.approx(1.0)
+    facts = result["tiny"]["facts"]
+    params_bytes = result["tiny"]["params"]["bytes"]
+    # (c) adds O(1) scalars; (d) adds one parameter copy (plus scalars).
+    assert 0 < facts["c"]["state_bytes"] - facts["a"]["state_bytes"] < 1024
+    extra_d = facts["d"]["state_bytes"] - facts["a"]["state_bytes"]
+    assert params_bytes <= extra_d < params_bytes + 1024
+
+
+def test_grad_norm_trap_quick(tmp_path):
+    path = tmp_path / "trap.json"
+    out = run_script("grad_norm_trap.py", "--quick", "--out", str(path))
+    assert_header(out)
+    assert "## tiny conv net" in out and "## explanation" in out
+    for variant in ["adam", "library", "clip", "ravel", "host-float", "callback", "per-leaf",
+                    "float64", "cond", "plateau"]:
+        assert f"\n{variant} " in out, variant
+    result = json.loads(path.read_text())
+    hlo = result["tiny"]["hlo"]
+    # What the explanation rests on, read from the optimized HLO.
+    # (Counts relative to adam: on GPU convolutions are custom calls too.)
+    assert hlo["ravel"]["concatenate_all"] > hlo["adam"]["concatenate_all"]
+    assert hlo["callback"]["custom-call"] > hlo["adam"]["custom-call"]
+    assert hlo["cond"]["conditional"] > hlo["adam"]["conditional"]
+    assert hlo["float64"]["f64_values"] > 0
+    for key in ("concatenate_all", "conditional", "custom-call", "f64_values"):
+        assert hlo["library"][key] == hlo["adam"][key], key
+
+
+def test_strategies_quick(tmp_path):
+    path = tmp_path / "strategies.json"
+    plot = tmp_path / "loss.png"
+    out = run_script("strategies.py", "--quick", "--out", str(path), "--plot", str(plot))
+    assert_header(out)
+    from adaptive_optax.strategies import STRATEGIES
+
+    for data in ("shapes", "nuclei"):
+        assert f"## {data}:" in out or f"## {data}: skipped" in out
+    for header in ["final dice", "best dice", "interv.", "jump max"]:
+        assert header in out
+    for strategy in STRATEGIES:
+        assert f"\n{strategy} " in out, strategy
+    assert plot.stat().st_size > 0
+    result = json.loads(path.read_text())
+    runs = result["data"]["shapes"]
+    assert {r["strategy"] for r in runs} == set(STRATEGIES)
+    # patience=0 in quick mode: the intervening strategies do intervene.
+    assert any(r["interventions"] > 0 for r in runs if r["strategy"] == "adaptive")
