@@ -156,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the demo; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.batch_size % args.devices:
+        parser.error(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
     if args.devices > 1:
         from adaptive_optax import parallel
 
@@ -166,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.devices > jax.device_count():
         parser.error(f"--devices {args.devices} exceeds the {jax.device_count()} available "
                      "devices (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    if args.batch_size % args.devices:
-        parser.error(f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}")
+
     try:
         parts = build(args)
     except (ValueError, ImportError) as err:
