@@ -199,12 +199,26 @@ class UNet(nnx.Module):
         param_dtype: DTypeLike = jnp.float32,
         rngs: nnx.Rngs,
     ) -> None:
-        check_int("in_channels", in_channels, 1)
-        check_int("num_classes", num_classes, 1)
-        check_int("depth", depth, 0)
-        check_int("base_width", base_width, 1)
+        # Upper bounds keep absurd sizes from aborting XLA or running for minutes.
+        check_int("in_channels", in_channels, 1, maximum=2**16)
+        check_int("num_classes", num_classes, 1, maximum=2**16)
+        check_int("depth", depth, 0, maximum=12)
+        check_int("base_width", base_width, 1, maximum=2**16)
+        if base_width * 2**depth > 2**16:
+            raise ValueError(f"base_width * 2**depth must be <= {2**16} channels, got "
+                             f"base_width = {base_width}, depth = {depth}.")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
+        for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+            try:
+                kind = jnp.dtype(value)
+            except TypeError:
+                kind = None
+            if kind is None or not jnp.issubdtype(kind, jnp.floating):
+                raise TypeError(f"{name} must be a floating dtype such as jnp.float32 or "
+                                f"jnp.bfloat16, got {name} = {value!r}.")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs, e.g. nnx.Rngs(0), got rngs = {rngs!r}.")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.depth = depth

@@ -417,9 +417,6 @@ def test_property_counters_windows_and_lr_stay_consistent_jit_or_not(config, ste
 # in docs/reliability.md. A fix makes an entry disappear (fine); anything new fails.
 KNOWN_FINDINGS = {
     ("plateau_escape", "b1", "late"),  # the optimizer's own arguments are its business
-    ("UNet", "dtype", "late"),
-    ("UNet", "param_dtype", "unnamed"),
-    ("UNet", "rngs", "wrong_type"),
 }
 # Combinations whose failure no single argument explains (an ignored argument).
 KNOWN_UNEXPLAINED: set = set()
