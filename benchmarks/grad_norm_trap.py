@@ -224,7 +224,6 @@ def section(title: str, model: nnx.Module, x, y, names, args, dump_dir: str | No
 def explain(result: dict) -> list[str]:
     """An explanation of one section's ratios from its measured HLO facts."""
     s, f = result["stats"], result["hlo"]
-    base_t = s["adam"]["median_s"]
     per_op_us = None
     # Fixed cost per extra entry op, estimated from the plateau/library variants.
     extra_ops = f["plateau"]["entry_ops"] - f["adam"]["entry_ops"] if "plateau" in f else 0
