@@ -100,42 +100,6 @@ def largest_jump(monitor: np.ndarray, steps: list[int], window: int) -> float | 
     return max(ratios) if ratios else None
 
 
-def patch_state_readings_if_broken() -> bool:
-    """Works around ``state_readings`` failing on the ``reduce-on-plateau`` state.
-
-    ``adaptive_optax.train.state_readings`` looks fields up by bare name with
-    ``optax.tree.get``; ``ReduceLROnPlateauState`` also has ``plateau_count``
-    and ``best_value``, so the lookup raises ``KeyError: Found multiple
-    values`` and ``make_train_step`` cannot trace that strategy. If (and only
-    if) the installed library still fails, the readings are taken from the
-    ``PlateauEscapeState`` alone (the scale of the chained
-    ``reduce_on_plateau`` is still folded into ``learning_rate``). Returns
-    whether the workaround is active.
-    """
-    import jax.numpy as jnp
-    import optax
-
-    import adaptive_optax.train as train_module
-
-    probe = make_optimizer("reduce-on-plateau", 1e-3, total_steps=4).init({"w": jnp.zeros(2)})
-    try:
-        train_module.state_readings(probe)
-        return False
-    except KeyError:
-        pass
-    original = train_module.state_readings
-
-    def readings(opt_state):
-        out = original(optax.tree.get(opt_state, "PlateauEscapeState"))
-        reduce_state = optax.tree.get(opt_state, "ReduceLROnPlateauState")
-        if reduce_state is not None:
-            out["learning_rate"] = out["learning_rate"] * reduce_state.scale
-        return out
-
-    train_module.state_readings = readings
-    return True
-
-
 def run_one(strategy: str, seed: int, train, val, cfg: argparse.Namespace) -> dict:
     """Trains one strategy/seed and summarises its history."""
     per_epoch = min(num_batches(train, cfg.batch_size), cfg.steps_per_epoch)
@@ -301,14 +265,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = C.print_header("training strategies: same model, data and step budget")
     print(f"# settings: {', '.join(f'{k}={v}' for k, v in sorted(vars(cfg).items()))}")
-    workaround = "reduce-on-plateau" in cfg.strategies and patch_state_readings_if_broken()
-    if workaround:
-        print("# WORKAROUND: adaptive_optax.train.state_readings raises KeyError on the "
-              "reduce-on-plateau state (plateau_count/best_value found twice); readings are "
-              "taken from the PlateauEscapeState for this run (library bug, see docs).")
     started = time.perf_counter()
-    results: dict = {"environment": env, "args": vars(cfg), "data": {},
-                     "state_readings_workaround": workaround}
+    results: dict = {"environment": env, "args": vars(cfg), "data": {}}
     runs_by_data: dict = {}
     for data_name in data_names:
         num_train = max(cfg.num_train, cfg.batch_size)
