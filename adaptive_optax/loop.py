@@ -140,6 +140,12 @@ def _last_row(history: History) -> dict | None:
     return {k: v[-1] for k, v in history.steps.items()}
 
 
+def _weights_of(row: dict) -> dict[str, float]:
+    """The loss mix of one history row (its ``weight/<name>`` entries)."""
+    prefix = "weight/"
+    return {k[len(prefix):]: round(float(v), 4) for k, v in row.items() if k.startswith(prefix)}
+
+
 def _log_interventions(history, rows, previous, first_step, epoch, mix_label) -> None:
     """Appends one record per step whose intervention or rollback count rose."""
     for i, row in enumerate(rows):
@@ -152,8 +158,6 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
         if row.get("rollback_count", 0) > before.get("rollback_count", 0):
             kinds.append("rollback")
         for kind in kinds:
-            weights = lambda r: {k[7:]: round(float(v), 4) for k, v in r.items()  # noqa: E731
-                                 if k.startswith("weight/")}
             history.interventions.append(dict(
                 kind=kind,
                 number=int(row["intervention_count"]),
@@ -166,6 +170,6 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
                 boost=float(row["lr_multiplier"]),
                 mix_before=mix_label(int(before["mix_index"])),
                 mix_after=mix_label(int(row["mix_index"])),
-                weights_before=weights(before),
-                weights_after=weights(row),
+                weights_before=_weights_of(before),
+                weights_after=_weights_of(row),
             ))

@@ -221,10 +221,10 @@ def plateau_escape(
             step - old.boost_step, old.boost_from, old.boost_to,
             warmup_steps=boost_warmup_steps, decay_steps=boost_decay_steps)
 
+        guard_state = state.rollback
         rolled_back = jnp.zeros([], jnp.bool_)
         limit = old.intervention_count >= max_interventions
         if rollback is not None:
-            guard_state = state.rollback
             watching = guard_state.guard_windows_left > 0
             rolled_back = event.valid & watching & rollback.is_worse(
                 plateau_state.window_value, guard_state.snapshot_value, detector.sign)
@@ -237,7 +237,7 @@ def plateau_escape(
             return jnp.where(intervene, on_intervene, jnp.where(rolled_back, on_rollback, keep))
 
         if rollback is not None:
-            snap_mult, snap_mix = state.rollback.snapshot_multiplier, state.rollback.snapshot_mix_index
+            snap_mult, snap_mix = guard_state.snapshot_multiplier, guard_state.snapshot_mix_index
             shrink = rollback.shrink
         else:
             snap_mult, snap_mix, shrink = old.lr_multiplier, old.mix_index, 1.0
@@ -281,9 +281,8 @@ def plateau_escape(
             inner_updates = jax.tree.map(
                 lambda u: jnp.where(grads_finite, u, jnp.zeros_like(u)), inner_updates)
 
-        rollback_state = state.rollback
+        rollback_state = guard_state
         if rollback is not None:
-            guard_state = state.rollback
             restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype),
                                    guard_state.snapshot_params, params)
             inner_updates = optax.tree.where(rolled_back, restore, inner_updates)
