@@ -43,13 +43,14 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from adaptive_optax._validation import check_int
 
 __all__ = [
     "DATA_AXIS",
@@ -93,10 +94,7 @@ def set_cpu_device_count(num_devices: int) -> None:
         >>> jax.device_count()  # doctest: +SKIP
         8
     """
-    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral):
-        raise TypeError(f"num_devices must be an int, got num_devices = {num_devices!r}.")
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got num_devices = {num_devices}.")
+    num_devices = check_int("num_devices", num_devices, 1)
     try:
         jax.config.update("jax_num_cpu_devices", int(num_devices))
     except RuntimeError as err:
@@ -139,11 +137,7 @@ def data_parallel_mesh(
     available = list(jax.devices() if devices is None else devices)
     if num_devices is None:
         num_devices = len(available)
-    elif isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral):
-        raise TypeError(f"num_devices must be an int or None, got num_devices = {num_devices!r}.")
-    num_devices = int(num_devices)
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got num_devices = {num_devices}.")
+    num_devices = check_int("num_devices", num_devices, 1)
     if num_devices > len(available):
         raise ValueError(
             f"num_devices = {num_devices} exceeds the {len(available)} available devices "
