@@ -29,7 +29,8 @@ from adaptive_optax.policy import (
 from adaptive_optax.rollback import RollbackGuard, RollbackState
 from adaptive_optax.strategies import STRATEGIES, make_optimizer
 from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
-from adaptive_optax.transform import PlateauEscapeState, plateau_escape
+from adaptive_optax.state import PlateauEscapeState, find_state, state_field
+from adaptive_optax.transform import plateau_escape
 from adaptive_optax.unet import UNet
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "WindowEvent",
     "adaptive_policy",
     "boost_multiplier",
+    "find_state",
     "fit",
     "global_norm",
     "init_train_state",
@@ -64,4 +66,5 @@ __all__ = [
     "make_train_step",
     "mixed_loss",
     "plateau_escape",
+    "state_field",
 ]

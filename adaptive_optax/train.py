@@ -33,6 +33,7 @@ from flax import nnx
 from adaptive_optax.data import SegmentationData
 from adaptive_optax.losses import loss_components, mixed_loss
 from adaptive_optax.metrics import confusion_counts
+from adaptive_optax.state import find_state
 
 
 # Fields read from the optimizer state after each step (names unique in the state).
@@ -60,14 +61,9 @@ def state_readings(opt_state: optax.OptState) -> dict[str, jax.Array]:
     """
     # Fields are read inside the plateau-escape state: a chained optax
     # reduce_on_plateau has its own best_value, plateau_count and cooldown_count.
-    own = optax.tree.get(opt_state, "PlateauEscapeState")
-    own = opt_state if own is None else own
-    out = {}
-    for name in STATE_FIELDS:
-        value = optax.tree.get(own, name)
-        if value is not None:
-            out[name] = value
-    for name, weight in optax.tree.get(own, "loss_weights").items():
+    fields = find_state(opt_state).fields()
+    out = {name: fields[name] for name in STATE_FIELDS if name in fields}
+    for name, weight in fields["loss_weights"].items():
         out[f"weight/{name}"] = weight
     # Looked up by class name: a bare "scale" would also match GroupNorm params in mu/nu.
     reduce_state = optax.tree.get(opt_state, "ReduceLROnPlateauState")

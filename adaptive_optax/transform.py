@@ -19,7 +19,8 @@ Everything is ``jnp.where`` on scalars or elementwise selects that XLA fuses
 into the optimizer's own loops: no ``lax.cond`` (on GPU a conditional's
 predicate goes through the host), no Python branch on an array, no host
 transfer. An intervention changes array values only, so a training run
-compiles once.
+compiles once. The state's scalars are stored packed into two vectors
+(:mod:`adaptive_optax.state`); the update reads and writes them as records.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import inspect
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,29 +36,11 @@ import optax
 
 from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import boost_multiplier
-from adaptive_optax.grad_norm import GradNormState, global_norm, init_grad_norm, update_grad_norm
-from adaptive_optax.plateau import PlateauDetector, PlateauState
+from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
+from adaptive_optax.plateau import PlateauDetector
 from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import RollbackGuard, RollbackState
-
-
-class PlateauEscapeState(NamedTuple):
-    """State of :func:`plateau_escape`; read fields with ``optax.tree.get``.
-
-    Unique names readable from any enclosing state: ``learning_rate`` (the
-    effective rate, in ``optimizer_state.hyperparams``), ``intervention_count``,
-    ``grad_norm_ema``, ``best_value``, ``plateau_count``, ``loss_weights``,
-    ``lr_multiplier``, ``base_learning_rate``.
-    """
-
-    step: jax.Array  # int32 [], updates made so far (drives the base schedule)
-    base_learning_rate: jax.Array  # float32 [], base schedule at the latest step
-    plateau: PlateauState
-    grad_norm: GradNormState
-    intervention: InterventionState
-    loss_weights: dict[str, jax.Array]  # float32 [] each, the mix for the next loss
-    rollback: RollbackState | optax.EmptyState
-    optimizer_state: Any  # inject_hyperparams state of the inner optimizer
+from adaptive_optax.state import PlateauEscapeState
 
 
 def plateau_escape(
@@ -178,15 +160,15 @@ def plateau_escape(
             conservatism=jnp.ones([], jnp.float32),
             force_final_mix=jnp.zeros([], jnp.bool_),
         )
-        return PlateauEscapeState(
+        return PlateauEscapeState.from_records(
             step=jnp.zeros([], jnp.int32),
             base_learning_rate=base,
             plateau=detector.init(),
             grad_norm=init_grad_norm(),
             intervention=intervention,
-            loss_weights=policy.weights(intervention.mix_index),
             rollback=(optax.EmptyState() if rollback is None
                       else rollback.init(params, policy.initial_index)),
+            loss_weights=policy.weights(intervention.mix_index),
             optimizer_state=inner_state,
         )
 
@@ -204,6 +186,8 @@ def plateau_escape(
             raise ValueError("plateau_escape with an optimizer reset or a rollback guard "
                              "needs params: call tx.update(grads, state, params, value=...).")
 
+        # The records are views of the packed vectors: XLA fuses their slices
+        # into the ops that read them.
         step = state.step
         grad_state = state.grad_norm
         grads_finite = jnp.ones([], jnp.bool_)
@@ -304,14 +288,14 @@ def plateau_escape(
             restarted = detector.restart_patience(plateau_state)
             plateau_state = optax.tree.where(rolled_back, restarted, plateau_state)
 
-        new_state = PlateauEscapeState(
+        new_state = PlateauEscapeState.from_records(
             step=step + 1,
             base_learning_rate=base,
             plateau=plateau_state,
             grad_norm=grad_state,
             intervention=new,
-            loss_weights=policy.weights(new.mix_index),
             rollback=rollback_state,
+            loss_weights=policy.weights(new.mix_index),
             optimizer_state=inner_out,
         )
         return inner_updates, new_state

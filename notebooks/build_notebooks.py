@@ -141,8 +141,9 @@ intervention to a conservative Dice/focal mix).
 
 `init_train_state` wraps the model in an `nnx.Optimizer` and splits both into a pytree the
 jitted step can donate. The plateau-escape state sits inside the optimizer state, and
-`optax.tree.get` reads any of its fields by name, for instance the loss-mix weights the
-train step will use:
+`optax.tree.get` reads its public fields by name (`learning_rate`, `intervention_count`,
+`grad_norm_ema`, `best_value`, `plateau_count`, `loss_weights`; `ao.state_field` reads the
+packed rest too), for instance the loss-mix weights the train step will use:
 """),
         ("code", r"""
 policy = ao.adaptive_policy()

@@ -40,9 +40,18 @@ DOCUMENTED_NONFINITE = {
 
 
 def nonfinite_fields(state) -> set[str]:
-    """Names of the floating-point leaves of ``state`` holding a NaN or an infinity."""
+    """Names of the floating-point fields of a plateau-escape state (packed ones by
+    their own names, the inner optimizer state and the snapshot by leaf) holding a
+    NaN or an infinity."""
+    own = ao.find_state(state)
+    return nonfinite_leaves({**own.fields(), "optimizer_state": own.optimizer_state,
+                             "rollback_snapshot": own.rollback_snapshot})
+
+
+def nonfinite_leaves(tree) -> set[str]:
+    """Names of the floating-point leaves of ``tree`` holding a NaN or an infinity."""
     out = set()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
             key = path[-1]
@@ -113,7 +122,7 @@ def test_a_burst_of_nonfinite_steps_never_poisons_the_state_and_training_recover
         assert bad <= set(DOCUMENTED_NONFINITE), (i, bad)
         if i >= 1:  # the first 2-step window has closed with a finite value
             assert not bad & {"window_value", "best_value"}, (i, bad)
-    read = lambda s, name: int(optax.tree.get(s, name))  # noqa: E731
+    read = lambda s, name: int(ao.state_field(s, name))  # noqa: E731
     final = trace[-1][1]
     grads_poisoned = poison != "loss"
     value_poisoned = poison != "grads"
@@ -154,11 +163,11 @@ def test_apply_if_finite_outside_hides_the_first_bad_steps_from_the_detector(max
     chex.assert_trees_all_equal(first_rejected.inner_state, before.inner_state)
     assert int(final.total_notfinite) == len(BURST)
     seen = len(BURST) - max_errors  # passed on once the patience of apply_if_finite ran out
-    assert int(optax.tree.get(final, "nonfinite_count")) == seen
-    assert int(optax.tree.get(final, "nonfinite_grad_count")) == seen
+    assert int(ao.state_field(final, "nonfinite_count")) == seen
+    assert int(ao.state_field(final, "nonfinite_grad_count")) == seen
     assert int(final.inner_state.step) == STEPS - max_errors
     # Windows count the steps plateau_escape saw, not the steps taken.
-    assert int(optax.tree.get(final, "windows_completed")) == (STEPS - max_errors) // 2
+    assert int(ao.state_field(final, "windows_completed")) == (STEPS - max_errors) // 2
     # What it let through was zeroed by skip_nonfinite_updates: nothing poisoned.
     chex.assert_tree_all_finite((trace[-1][0], optax.tree.get(final, "optimizer_state")))
 
@@ -172,7 +181,7 @@ def test_apply_if_finite_without_skip_nonfinite_updates_poisons_the_parameters()
     chex.assert_tree_all_finite(trace[BURST.start + 1][0])
     assert not np.isfinite(np.asarray(trace[BURST.start + 2][0]["w"])).any()
     assert not np.isfinite(np.asarray(trace[-1][0]["w"])).any()
-    assert nonfinite_fields(optax.tree.get(trace[-1][1], "plateau")) == set()
+    assert nonfinite_leaves(ao.find_state(trace[-1][1]).plateau) == set()
 
 
 def test_apply_if_finite_does_not_see_a_nan_loss_with_finite_gradients():
@@ -180,7 +189,7 @@ def test_apply_if_finite_does_not_see_a_nan_loss_with_finite_gradients():
     trace = run_burst(make_stepper(tx), tx, "loss")
     final = trace[-1][1]
     assert int(final.total_notfinite) == 0  # it only checks the gradients
-    assert int(optax.tree.get(final, "nonfinite_count")) == len(BURST)  # the detector skipped them
+    assert int(ao.state_field(final, "nonfinite_count")) == len(BURST)  # the detector skipped them
     assert trace[-1][2] < trace[BURST.start][2]  # the finite gradients kept training
 
 
@@ -198,7 +207,7 @@ def reference_run(tmp_path_factory):
 
     def save(epoch, state, history):
         opt = opt_state_of(graphdef, state)
-        marks[epoch] = {k: int(optax.tree.get(opt, k))
+        marks[epoch] = {k: int(ao.state_field(opt, k))
                         for k in ("plateau_count", "cooldown_count", "window_step")}
         checkpoint.save(str(root / f"epoch{epoch}"), epoch, state, history, config)
 
@@ -383,7 +392,7 @@ def test_property_counters_windows_and_lr_stay_consistent_jit_or_not(config, ste
     acc = config["accumulation_steps"]
     previous = 0
     for n, state in enumerate(host, start=1):
-        get = functools.partial(optax.tree.get, state)
+        get = functools.partial(ao.state_field, state)
         count = int(get("intervention_count"))
         assert previous <= count <= config["max_interventions"]
         previous = count

@@ -29,9 +29,9 @@ def run(tx, values, norm=0.04):
         history.append(dict(
             before=before, after=params, state=state,
             count=int(optax.tree.get(state, "intervention_count")),
-            rollbacks=int(optax.tree.get(state, "rollback_count")),
+            rollbacks=int(ao.state_field(state, "rollback_count")),
             lr=float(optax.tree.get(state, "learning_rate")),
-            mix=int(optax.tree.get(state, "mix_index")),
+            mix=int(ao.state_field(state, "mix_index")),
         ))
     return history
 
@@ -46,7 +46,7 @@ def test_rollback_restores_parameters_rate_and_mix():
     chex.assert_trees_all_close(h[2]["after"], h[1]["before"], atol=1e-6)  # back to the snapshot
     assert h[2]["lr"] == pytest.approx(BASE)  # multiplier restored to 1
     assert h[2]["mix"] == h[0]["mix"]  # initial mix restored
-    chex.assert_trees_all_close(optax.tree.get(h[2]["state"], "conservatism"), 0.5)
+    chex.assert_trees_all_close(ao.state_field(h[2]["state"], "conservatism"), 0.5)
 
 
 def test_after_rollback_next_intervention_is_more_conservative():
