@@ -379,3 +379,55 @@ def test_init_state_leaves_are_distinct_buffers_so_the_state_can_be_donated():
     step = jax.jit(lambda s, g, p: tx.update(g, s, p, value=jnp.float32(1.0))[1], donate_argnums=0)
     state = step(state, grads_with_norm(0.1), params)
     chex.assert_tree_all_finite((state.optimizer_state, state.intervention, state.loss_weights))
+
+
+# -- update_unless_skipped: one semantics, a cond on CPU and selects elsewhere ---------------
+
+def _adam_step(params, grads):
+    tx = optax.adam(0.1)
+    state = tx.init(params)
+    state = tx.update(grads, state, params)[1]  # non-zero moments
+    return (lambda: tx.update(grads, state, params)), state
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_skip_lowerings_agree_bit_for_bit(keep):
+    params = {"w": jnp.linspace(-1.0, 1.0, 6), "b": jnp.ones(3, jnp.bfloat16)}
+    grads = {"w": jnp.full(6, 0.3), "b": jnp.full(3, -0.2, jnp.bfloat16)}
+    update, state = _adam_step(params, grads)
+    zeros = jax.tree.map(jnp.zeros_like, update()[0])
+    from adaptive_optax.transform import _skip_with_cond, _skip_with_select
+    by_cond = jax.jit(lambda k: _skip_with_cond(k, update, state))(jnp.bool_(keep))
+    by_select = jax.jit(lambda k: _skip_with_select(k, update, state))(jnp.bool_(keep))
+    chex.assert_trees_all_equal(by_cond, by_select)
+    expected = update() if keep else (zeros, state)
+    chex.assert_trees_all_equal(by_cond, jax.jit(lambda: expected)())
+    chex.assert_trees_all_equal_dtypes(by_cond[0], grads)
+
+
+def test_cpu_update_uses_a_conditional_and_copies_no_moments():
+    # With selects, XLA:CPU copied Adam's mu and nu every step (2 parameter copies).
+    params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+    tx = ao.plateau_escape(optax.adam, BASE)
+
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        return optax.apply_updates(params, updates), state
+
+    hlo = jax.jit(update, donate_argnums=(0, 1)).lower(
+        params, tx.init(params), params).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    assert entry.count(" conditional(") == 1
+    assert "f32[64,64]{1,0} copy(" not in entry and "f32[64]{0} copy(" not in entry
+
+
+def test_gpu_and_tpu_lower_the_skip_without_a_conditional():
+    update, state = _adam_step({"w": jnp.ones(3)}, {"w": jnp.ones(3)})
+    f = jax.jit(lambda keep: ao.transform.update_unless_skipped(keep, update, state))
+
+    def cases(platform):
+        return jax.export.export(f, platforms=[platform])(jnp.bool_(True)).mlir_module().count(
+            "stablehlo.case")
+
+    # platform_dependent itself adds a constant-index case that XLA inlines.
+    assert cases("cuda") == cases("tpu") == cases("cpu") - 1
