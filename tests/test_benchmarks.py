@@ -4,7 +4,8 @@ Each script runs in a subprocess with this interpreter, exactly as a user
 would start it; the assertions check the exit code and the table headers and
 rows, not the timings (those depend on the machine). Measured here (2 shared
 CPU cores): overhead --quick ~35 s (marked slow), strategies --quick ~20 s,
-grad_norm_trap --quick ~11 s.
+grad_norm_trap --quick ~11 s, gpu_kernels --quick ~10 s (the local target: CI has
+no CUDA plugin for the deviceless GPU compile).
 """
 
 from __future__ import annotations
@@ -111,3 +112,15 @@ def test_strategies_quick(tmp_path):
     assert {r["strategy"] for r in runs} == set(STRATEGIES)
     # patience=0 in quick mode: the intervening strategies do intervene.
     assert any(r["interventions"] > 0 for r in runs if r["strategy"] == "adaptive")
+
+
+def test_gpu_kernels_quick(tmp_path):
+    path = tmp_path / "gpu.json"
+    out = run_script("gpu_kernels.py", "--quick", "--out", str(path))
+    assert_header(out)
+    assert "# target: local cpu" in out and "## tiny: optimizer-only update" in out
+    result = json.loads(path.read_text())["tiny"]
+    assert set(result) == {"a", "c", "e"}
+    # The counts are real: plain Adam compiles to fewer ops than plateau_escape.
+    assert 0 < result["a"]["entry_ops"] < result["c"]["entry_ops"]
+    assert result["c"]["conditionals"] == 1  # the CPU lowering of the non-finite skip
