@@ -20,5 +20,7 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_transform.py tes
   -k "not property" 2>&1 | tail -5 | tee "$out/pytest_gpu.txt"
 timeout 240 python3 benchmarks/overhead.py --out "$out/overhead_gpu.json" 2>&1 | tee "$out/overhead_gpu.txt"
 timeout 90 python3 benchmarks/grad_norm_trap.py --out "$out/trap_gpu.json" 2>&1 | tee "$out/trap_gpu.txt"
+timeout 120 python3 benchmarks/gpu_kernels.py --target local --out "$out/kernels_gpu.json" 2>&1 \
+  | tee "$out/kernels_gpu.txt"
 timeout 120 python3 -m adaptive_optax.demo --epochs 12 --no-progress --checkpoint-every 0 \
   --out "$out/demo" 2>&1 | tee "$out/demo_gpu.txt"
