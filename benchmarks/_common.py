@@ -8,6 +8,7 @@ pytree, interleaved timing, HLO op counting, and plain-text tables.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import functools
@@ -31,6 +32,31 @@ from flax import nnx
 
 NOISE_NOTE = ("timings are wall-clock on a possibly shared machine; every ratio is measured "
               "side by side with interleaved repeats (min and median reported)")
+
+
+# --------------------------------------------------------------------------- arguments
+
+def add_timing_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options every timing script shares: --quick, repeats, block length, the
+    tiny conv net's size, --out. Call :func:`resolve_timing_args` after parsing."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved repeats of the main tables (default 15, quick 3)")
+    parser.add_argument("--block-seconds", type=float, default=None,
+                        help="target length of one timed block (default 0.25, quick 0.05)")
+    parser.add_argument("--tiny-width", type=int, default=8, help="tiny conv net width")
+    parser.add_argument("--tiny-size", type=int, default=32, help="tiny conv net image size")
+    parser.add_argument("--tiny-batch", type=int, default=8, help="tiny conv net batch")
+    parser.add_argument("--out", default=None, help="write the results as JSON to this path")
+
+
+def resolve_timing_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fills the defaults of :func:`add_timing_args` that depend on --quick."""
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 15
+    if args.block_seconds is None:
+        args.block_seconds = 0.05 if args.quick else 0.25
+    return args
 
 
 # --------------------------------------------------------------------------- header / output

@@ -299,25 +299,12 @@ def _pct(value, base) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny conv net only, few repeats (< 60 s on a 2-core CPU)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats (default 15, quick 3)")
-    parser.add_argument("--block-seconds", type=float, default=None,
-                        help="target length of one timed block (default 0.25, quick 0.05)")
-    parser.add_argument("--tiny-width", type=int, default=8)
-    parser.add_argument("--tiny-size", type=int, default=32)
-    parser.add_argument("--tiny-batch", type=int, default=8)
+    C.add_timing_args(parser, "tiny conv net only, few repeats (< 60 s on a 2-core CPU)")
     parser.add_argument("--mlp-params", type=float, default=1e6,
                         help="size of the MLP of the second table (default 1e6)")
     parser.add_argument("--dump-hlo", default=None, metavar="DIR",
                         help="write each variant's optimized HLO text into DIR")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this path")
-    args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 15
-    if args.block_seconds is None:
-        args.block_seconds = 0.05 if args.quick else 0.25
+    args = C.resolve_timing_args(parser.parse_args(argv))
 
     env = C.print_header("grad-norm trap: naive grad-norm EMAs vs the library's, ratio to adam")
     started = time.perf_counter()

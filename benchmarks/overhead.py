@@ -317,29 +317,16 @@ def compile_and_transfer_check(steps: int, width: int, size: int, batch: int, *,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and few repeats (< 60 s on a 2-core CPU)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats of the main tables (default 15, quick 3)")
+    C.add_timing_args(parser, "tiny sizes and few repeats (< 60 s on a 2-core CPU)")
     parser.add_argument("--sweep-repeats", type=int, default=None,
                         help="interleaved repeats per sweep point (default 7, quick 3)")
-    parser.add_argument("--block-seconds", type=float, default=None,
-                        help="target length of one timed block (default 0.25, quick 0.05)")
-    parser.add_argument("--tiny-width", type=int, default=8, help="tiny conv net width")
-    parser.add_argument("--tiny-size", type=int, default=32, help="tiny conv net image size")
-    parser.add_argument("--tiny-batch", type=int, default=8, help="tiny conv net batch")
     parser.add_argument("--skip-unet", action="store_true", help="skip the U-Net table")
     parser.add_argument("--skip-sweeps", action="store_true", help="skip both sweeps")
     parser.add_argument("--compile-steps", type=int, default=200,
                         help="steps of the compile/transfer check")
-    parser.add_argument("--out", default=None, help="write the results as JSON to this path")
-    args = parser.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 15
+    args = C.resolve_timing_args(parser.parse_args(argv))
     if args.sweep_repeats is None:
         args.sweep_repeats = 3 if args.quick else 7
-    if args.block_seconds is None:
-        args.block_seconds = 0.05 if args.quick else 0.25
 
     env = C.print_header("plateau_escape overhead: jitted train step, ratios to optax.adam")
     started = time.perf_counter()
