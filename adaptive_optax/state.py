@@ -169,7 +169,8 @@ class PlateauEscapeState(NamedTuple):
         """The rollback guard's record, or ``optax.EmptyState()`` without a guard."""
         if not self.guarded:
             return optax.EmptyState()
-        return _record(RollbackState, {**self._unpacked(), "snapshot_params": self.rollback_snapshot})
+        values = {**self._unpacked(), "snapshot_params": self.rollback_snapshot}
+        return _record(RollbackState, values)
 
     def fields(self) -> dict[str, Any]:
         """Every named field, packed or not, in one flat dict.

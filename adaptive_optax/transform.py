@@ -20,16 +20,15 @@ fuses into the optimizer's own loops, no Python branch on an array, no host
 transfer. The one ``lax.cond`` (skipping the inner update on non-finite
 gradients) is used on CPU only, where its predicate is host memory already; on
 GPU/TPU, where a conditional's predicate goes through the host, the same skip
-is a select (:func:`update_unless_skipped`). An intervention changes array values only, so a training run
-compiles once. The state's scalars are stored packed into two vectors
-(:mod:`adaptive_optax.state`); the update reads and writes them as records.
+is a select (:func:`update_unless_skipped`). An intervention changes array
+values only, so a training run compiles once. The state's scalars are stored
+packed into two vectors (:mod:`adaptive_optax.state`); the update reads and
+writes them as records.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 from collections.abc import Callable
 
 import jax
@@ -39,6 +38,7 @@ import optax
 from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
+from adaptive_optax.inner_optimizer import as_schedule, inject_learning_rate, with_learning_rate
 from adaptive_optax.plateau import PlateauDetector
 from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import RollbackGuard, RollbackState
@@ -133,8 +133,8 @@ def plateau_escape(
         raise TypeError(f"policy must be an InterventionPolicy, got {type(policy).__name__}.")
     if rollback is not None and not isinstance(rollback, RollbackGuard):
         raise TypeError(f"rollback must be a RollbackGuard or None, got {type(rollback).__name__}.")
-    schedule = _as_schedule(learning_rate)
-    inner = _inner_optimizer(optimizer, optimizer_kwargs)
+    schedule = as_schedule(learning_rate)
+    inner = inject_learning_rate(optimizer, optimizer_kwargs)
     may_reset = bool(policy.plan(max_interventions)[3].any() and max_interventions > 0) or bool(
         rollback is not None and rollback.reset_optimizer)
     track_norm = policy.use_grad_norm or skip_nonfinite_updates
@@ -146,7 +146,7 @@ def plateau_escape(
     def init_fn(params) -> PlateauEscapeState:
         base = jnp.asarray(schedule(jnp.zeros([], jnp.int32)), jnp.float32)
         inner_state = inner.init(params)
-        inner_state = _with_lr(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
+        inner_state = with_learning_rate(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
         key = jax.random.PRNGKey(seed)
         if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)
@@ -247,7 +247,7 @@ def plateau_escape(
         base = jnp.asarray(schedule(step), jnp.float32)
         lr = effective_lr(base, multiplier)
 
-        inner_in = _with_lr(state.optimizer_state, lr)
+        inner_in = with_learning_rate(state.optimizer_state, lr)
         if may_reset:
             reset = intervene & decision.reset
             if rollback is not None and rollback.reset_optimizer:
@@ -255,6 +255,7 @@ def plateau_escape(
             fresh = inner.init(params)
             fresh = fresh._replace(hyperparams=inner_in.hyperparams)
             inner_in = optax.tree.where(reset, fresh, inner_in)
+
         def inner_update():
             return inner.update(updates, inner_in, params, value=value, **extra_args)
 
@@ -356,53 +357,3 @@ def _skip_with_select(keep, update, state):
     new_updates, new_state = update()
     return (optax.tree.where(keep, new_updates, optax.tree.zeros_like(new_updates)),
             optax.tree.where(keep, new_state, state))
-
-
-def _as_schedule(learning_rate) -> optax.Schedule:
-    if callable(learning_rate):
-        return learning_rate
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
-        raise ValueError("learning_rate must be a float > 0 or an optax schedule, got "
-                         f"learning_rate = {learning_rate!r}.")
-    value = check_float("learning_rate", learning_rate, low=0.0, high=math.inf,
-                        low_open=True, high_open=True)
-    return lambda step: jnp.full([], value, jnp.float32)
-
-
-def _inner_optimizer(optimizer, optimizer_kwargs) -> optax.GradientTransformationExtraArgs:
-    """Builds ``optimizer`` with its learning rate as an injected hyperparameter."""
-    if not callable(optimizer):
-        raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
-                        f"got {optimizer!r}.")
-    if isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError("optimizer must be a factory taking learning_rate (e.g. optax.adam), "
-                        "not a built GradientTransformation (e.g. optax.adam(1e-3)).")
-    try:
-        params = inspect.signature(optimizer).parameters
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"optimizer must be a Python callable, got {optimizer!r}.") from err
-    if "learning_rate" not in params:
-        raise TypeError(f"optimizer must take a learning_rate argument; {optimizer!r} takes "
-                        f"{list(params)}.")
-    if "learning_rate" in optimizer_kwargs:
-        raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
-    try:
-        inspect.signature(optimizer).bind(learning_rate=1.0, **optimizer_kwargs)
-    except TypeError as err:
-        raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} do not fit "
-                        f"{getattr(optimizer, '__name__', optimizer)!r}: {err}.") from None
-
-    def with_rate(learning_rate):
-        return optimizer(learning_rate=learning_rate, **optimizer_kwargs)
-
-    # Building it now surfaces a bad optimizer argument here, not at init.
-    # Only the rate is injected: the other hyperparameters stay Python floats,
-    # so an injected float32 b1 cannot promote bfloat16 moments to float32.
-    # The placeholder rate is overwritten in the state before every update.
-    return optax.inject_hyperparams(with_rate)(learning_rate=1.0)
-
-
-def _with_lr(inner_state, lr: jax.Array):
-    hyperparams = dict(inner_state.hyperparams)
-    hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
-    return inner_state._replace(hyperparams=hyperparams)

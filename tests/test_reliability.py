@@ -424,9 +424,7 @@ def test_property_counters_windows_and_lr_stay_consistent_jit_or_not(config, ste
 
 # (constructor, argument, verdict) of every finding of the last pass, as listed
 # in docs/reliability.md. A fix makes an entry disappear (fine); anything new fails.
-KNOWN_FINDINGS = {
-    ("plateau_escape", "b1", "late"),  # the optimizer's own arguments are its business
-}
+KNOWN_FINDINGS: set = set()
 # Combinations whose failure no single argument explains (an ignored argument).
 KNOWN_UNEXPLAINED: set = set()
 

@@ -1,0 +1,135 @@
+"""The optimizer that :func:`~adaptive_optax.plateau_escape` wraps, with its rate injected.
+
+``plateau_escape(optax.adam, 1e-3, b1=0.95)`` builds ``optax.adam`` through
+``optax.inject_hyperparams`` so that the effective learning rate is an array in
+the state, changed every step without recompiling. This module builds it,
+checks the factory and its keyword arguments at construction, and writes the
+rate into the inner state.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adaptive_optax._validation import check_float
+
+
+def as_schedule(learning_rate: float | optax.Schedule) -> optax.Schedule:
+    """A float > 0 as a constant float32 schedule; a schedule as is.
+
+    Raises:
+        ValueError: If ``learning_rate`` is neither; the message names it.
+
+    Example:
+        >>> float(as_schedule(0.1)(5))
+        0.1...
+    """
+    if callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
+        raise ValueError("learning_rate must be a float > 0 or an optax schedule, got "
+                         f"learning_rate = {learning_rate!r}.")
+    value = check_float("learning_rate", learning_rate, low=0.0, high=math.inf,
+                        low_open=True, high_open=True)
+    return lambda step: jnp.full([], value, jnp.float32)
+
+
+def inject_learning_rate(
+    optimizer: Callable[..., optax.GradientTransformation],
+    optimizer_kwargs: dict[str, Any],
+) -> optax.GradientTransformationExtraArgs:
+    """Builds ``optimizer(learning_rate=..., **optimizer_kwargs)`` with the rate injected.
+
+    Only the rate is injected: the other hyperparameters stay Python floats,
+    so an injected float32 ``b1`` cannot promote bfloat16 moments to float32.
+    The placeholder rate is overwritten in the state before every update.
+
+    Args:
+        optimizer: An optax optimizer factory with a ``learning_rate`` argument.
+        optimizer_kwargs: Its other arguments.
+
+    Returns:
+        The ``optax.inject_hyperparams`` transformation.
+
+    Raises:
+        TypeError: If ``optimizer`` is not such a factory, a keyword does not
+            fit its signature, or a keyword's value breaks it (found by
+            tracing one abstract step, below); the message names the keyword.
+
+    Example:
+        >>> tx = inject_learning_rate(optax.adam, {"b1": 0.95})
+        >>> sorted(tx.init({"w": jnp.zeros(2)}).hyperparams)
+        ['learning_rate']
+    """
+    if not callable(optimizer):
+        raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
+                        f"got {optimizer!r}.")
+    if isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError("optimizer must be a factory taking learning_rate (e.g. optax.adam), "
+                        "not a built GradientTransformation (e.g. optax.adam(1e-3)).")
+    try:
+        params = inspect.signature(optimizer).parameters
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"optimizer must be a Python callable, got {optimizer!r}.") from err
+    if "learning_rate" not in params:
+        raise TypeError(f"optimizer must take a learning_rate argument; {optimizer!r} takes "
+                        f"{list(params)}.")
+    if "learning_rate" in optimizer_kwargs:
+        raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
+    name = getattr(optimizer, "__name__", repr(optimizer))
+    try:
+        inspect.signature(optimizer).bind(learning_rate=1.0, **optimizer_kwargs)
+    except TypeError as err:
+        raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} do not fit "
+                        f"{name!r}: {err}.") from None
+    if optimizer_kwargs and _fails(optimizer, {}) is None:
+        for key, value in optimizer_kwargs.items():
+            err = _fails(optimizer, {key: value})
+            if err is not None:
+                raise TypeError(f"optimizer keyword argument {key} = {value!r} does not work "
+                                f"with {name!r}: {type(err).__name__}: {err}") from err
+    return _build(optimizer, optimizer_kwargs)
+
+
+def with_learning_rate(inner_state, lr: jax.Array):
+    """``inner_state`` with ``hyperparams["learning_rate"]`` set to ``lr`` (its dtype kept)."""
+    hyperparams = dict(inner_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
+    return inner_state._replace(hyperparams=hyperparams)
+
+
+def _build(optimizer, optimizer_kwargs) -> optax.GradientTransformationExtraArgs:
+    def with_rate(learning_rate):
+        return optimizer(learning_rate=learning_rate, **optimizer_kwargs)
+
+    return optax.inject_hyperparams(with_rate)(learning_rate=1.0)
+
+
+def _fails(optimizer, optimizer_kwargs) -> Exception | None:
+    """The error of one init + update traced on abstract values, or None.
+
+    ``jax.eval_shape`` computes nothing and starts no backend (so this is safe
+    before ``jax.distributed.initialize``). The caller blames a keyword only if
+    the optimizer traces without any, so a factory that needs more than
+    ``plateau_escape`` passes here (other extra args, say) is not rejected.
+    """
+    params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+    value = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def step(params, value):
+        tx = _build(optimizer, optimizer_kwargs)
+        return tx.update(params, tx.init(params), params, value=value)
+
+    try:
+        jax.eval_shape(step, params, value)
+    except Exception as err:  # noqa: BLE001 - any failure of the user's factory counts
+        return err
+    return None

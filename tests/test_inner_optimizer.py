@@ -1,0 +1,74 @@
+"""Tests of adaptive_optax.inner_optimizer: building the wrapped optimizer."""
+
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import adaptive_optax as ao
+from adaptive_optax.inner_optimizer import as_schedule, inject_learning_rate, with_learning_rate
+
+
+def test_as_schedule_makes_a_float32_constant_and_keeps_schedules():
+    schedule = as_schedule(0.25)
+    assert schedule(jnp.int32(7)).dtype == jnp.float32 and float(schedule(7)) == 0.25
+    cosine = optax.cosine_decay_schedule(1.0, 10)
+    assert as_schedule(cosine) is cosine
+    for bad in (0.0, -1.0, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match="learning_rate"):
+            as_schedule(bad)
+
+
+def test_only_the_learning_rate_is_injected_and_set_in_its_dtype():
+    tx = inject_learning_rate(optax.adam, {"b1": 0.8})
+    state = tx.init({"w": jnp.zeros(3, jnp.bfloat16)})
+    assert list(state.hyperparams) == ["learning_rate"]
+    # inject_hyperparams keeps the rate in the parameters' dtype, so bf16 updates
+    # are not promoted to float32; with_learning_rate keeps that dtype.
+    assert state.hyperparams["learning_rate"].dtype == jnp.bfloat16
+    state = with_learning_rate(state, jnp.float32(0.5))
+    chex.assert_trees_all_equal(state.hyperparams["learning_rate"], jnp.bfloat16(0.5))
+    assert state.inner_state[0].mu["w"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, name", [({"b1": "x"}, "b1"), ({"b1": 0.9, "eps": [1, 2]}, "eps"),
+                                          ({"weight_decay": None}, "weight_decay")])
+def test_a_bad_keyword_value_is_named_at_construction(kwargs, name):
+    optimizer = optax.adamw if "weight_decay" in kwargs else optax.adam
+    with pytest.raises(TypeError, match=f"keyword argument {name} = .* does not work with"):
+        ao.plateau_escape(optimizer, 1e-3, **kwargs)
+
+
+def test_an_unknown_keyword_is_named_at_construction():
+    with pytest.raises(TypeError, match=r"\['beta'\] do not fit 'adam'"):
+        ao.plateau_escape(optax.adam, 1e-3, beta=0.9)
+
+
+def test_a_factory_that_needs_more_than_value_is_not_blamed_on_its_keywords():
+    # Its update needs an extra argument the abstract check cannot supply; the
+    # check must not reject the (valid) keyword because of that.
+    def needs_extra(learning_rate, decay=0.5):
+        def update(updates, state, params=None, *, temperature, **extra):
+            return jax.tree.map(lambda u: -learning_rate * decay * temperature * u, updates), state
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    tx = ao.plateau_escape(needs_extra, 0.1, decay=0.25)
+    params = {"w": jnp.ones(2)}
+    updates, _ = tx.update(params, tx.init(params), params, value=1.0, temperature=2.0)
+    chex.assert_trees_all_close(updates, {"w": jnp.full(2, -0.05)})
+
+
+def test_construction_starts_no_backend():
+    # jax.distributed.initialize must run before any backend starts; building
+    # the optimizer (and checking its keywords) must not start one.
+    code = ("import optax, adaptive_optax as ao\n"
+            "ao.plateau_escape(optax.adam, 1e-3, b1=0.9, patience=1)\n"
+            "from jax._src import xla_bridge\n"
+            "print(sorted(xla_bridge._backends))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
