@@ -1,10 +1,24 @@
 """Small shared builders for the training-side tests (tiny sizes: CPU, 2 cores)."""
 
 import jax
+import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from adaptive_optax import data, strategies, train
 from adaptive_optax.unet import UNet
+
+
+def compiled_update_entry(tx, params, grads) -> str:
+    """The ENTRY computation of the optimized HLO of a donated ``update + apply_updates``."""
+    def update(params, state, grads):
+        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+        return optax.apply_updates(params, updates), state
+
+    text = jax.jit(update, donate_argnums=(0, 1)).lower(
+        params, tx.init(params), grads).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    return entry[:entry.index("\n}\n")]
 
 
 def tiny_data(n_train=32, n_val=8, size=32, seed=0, difficulty=0.3):

@@ -13,6 +13,7 @@ from adaptive_optax.grad_norm import GradNormState
 from adaptive_optax.plateau import PlateauState
 from adaptive_optax.policy import InterventionState
 from adaptive_optax.rollback import RollbackState
+from helpers import compiled_update_entry
 
 PARAMS = {"w": jnp.ones(4), "b": jnp.zeros([])}
 GRADS = {"w": jnp.full(4, 0.1), "b": jnp.float32(0.1)}
@@ -140,14 +141,7 @@ def test_update_compiles_to_few_ops():
     scalar was a leaf of its own. The bound leaves room for XLA version drift.
     """
     def ops(tx):
-        def update(params, state, grads, value):
-            updates, state = tx.update(grads, state, params, value=value)
-            return optax.apply_updates(params, updates), state
-
-        text = jax.jit(update, donate_argnums=(0, 1)).lower(
-            PARAMS, tx.init(PARAMS), GRADS, jnp.float32(1.0)).compile().as_text()
-        entry = text[text.index("\nENTRY"):]
-        entry = entry[:entry.index("\n}\n")]
+        entry = compiled_update_entry(tx, PARAMS, GRADS)
         lines = [ln for ln in entry.splitlines()[1:] if " = " in ln]
         skip = (" parameter(", " constant(", " tuple(", " bitcast(", " get-tuple-element(")
         return sum(not any(s in ln for s in skip) for ln in lines), "concatenate(" in entry

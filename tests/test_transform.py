@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adaptive_optax as ao
+from helpers import compiled_update_entry
 
 BASE = 1e-3
 
@@ -409,15 +410,7 @@ def test_skip_lowerings_agree_bit_for_bit(keep):
 def test_cpu_update_uses_a_conditional_and_copies_no_moments():
     # With selects, XLA:CPU copied Adam's mu and nu every step (2 parameter copies).
     params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
-    tx = ao.plateau_escape(optax.adam, BASE)
-
-    def update(params, state, grads):
-        updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
-        return optax.apply_updates(params, updates), state
-
-    hlo = jax.jit(update, donate_argnums=(0, 1)).lower(
-        params, tx.init(params), params).compile().as_text()
-    entry = hlo[hlo.index("\nENTRY"):]
+    entry = compiled_update_entry(ao.plateau_escape(optax.adam, BASE), params, params)
     assert entry.count(" conditional(") == 1
     assert "f32[64,64]{1,0} copy(" not in entry and "f32[64]{0} copy(" not in entry
 
