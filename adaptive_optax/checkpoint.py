@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from adaptive_optax._validation import check_int
 from adaptive_optax.loop import History
 
 
@@ -31,35 +33,53 @@ class CheckpointMismatchError(ValueError):
     """The checkpoint was written by a run with another configuration."""
 
 
-def _manager(directory: str, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+def _manager(directory: str, *, create: bool = True,
+             max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    # Handlers named up front, so reading one item's metadata needs no restore first.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_handlers=handlers)
 
 
 def save(directory: str, epoch: int, state, history: History, config: Mapping[str, Any]) -> None:
     """Saves the state after ``epoch`` (0-based) with the history and config.
 
+    Saved epochs ``>= epoch`` are deleted first: they belong to a run that this
+    one replaces (a fresh run in the same directory, or one resumed from an
+    earlier epoch), and keeping them would let ``restore`` pick the other
+    run's state.
+
     Args:
         directory: Checkpoint directory (one sub-directory per saved epoch).
-        epoch: The epoch just completed.
+        epoch: The epoch just completed, ``>= 0``.
         state: The nnx train state.
         history: The run's history so far.
         config: JSON-serialisable run configuration, compared on restore.
+
+    Raises:
+        RuntimeError: If Orbax reports that it did not save.
     """
+    epoch = check_int("epoch", epoch, 0)
     with _manager(directory) as manager:
-        manager.save(epoch, args=ocp.args.Composite(
+        for stale in manager.all_steps():
+            if stale >= epoch:
+                manager.delete(stale)
+        saved = manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
             meta=ocp.args.JsonSave({"history": json.loads(history.to_json()),
                                     "config": dict(config), "epoch": epoch}),
         ))
         manager.wait_until_finished()
+    if not saved:
+        raise RuntimeError(f"orbax did not save epoch {epoch} in {directory!r}.")
 
 
 def latest_epoch(directory: str) -> int | None:
     """The newest saved epoch in ``directory``, or ``None`` if there is none."""
     if not os.path.isdir(directory):
         return None
-    with _manager(directory) as manager:
+    with _manager(directory, create=False) as manager:
         return manager.latest_step()
 
 
@@ -77,11 +97,14 @@ def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None 
         ``(state, history, epoch)`` with ``epoch`` the last completed epoch.
 
     Raises:
-        FileNotFoundError: If ``directory`` holds no checkpoint.
+        FileNotFoundError: If ``directory`` holds no checkpoint (it is not
+            created).
         CheckpointMismatchError: If the configuration, tree structure, shapes
             or dtypes differ from the saved ones.
     """
-    with _manager(directory) as manager:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint in {directory!r}: no such directory.")
+    with _manager(directory, create=False) as manager:
         epoch = manager.latest_step() if epoch is None else epoch
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {directory!r}.")
@@ -97,15 +120,26 @@ def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None 
         target = nnx.to_pure_dict(state)
         # Compare shapes and dtypes from the metadata first: a restore that fails
         # half-way leaves Orbax's aborted reads running in the background.
-        saved = ocp.StandardCheckpointer().metadata(
-            os.path.join(os.path.abspath(directory), str(epoch), "state")).item_metadata.tree
+        saved = manager.item_metadata(epoch)["state"].tree
         _check_same(_signature(target), _signature(saved), directory)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        # Read to the host, then placed like the fresh state's arrays: arrays
+        # committed to a device by Orbax would make jit compile the train
+        # step a second time if the fresh state's were not.
+        host = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), target)
         arrays = manager.restore(epoch, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
+            state=ocp.args.StandardRestore(host)))["state"]
+    arrays = jax.tree.map(_place_like, arrays, target)
     restored = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(restored, arrays)
     return restored, History(**meta["history"]), int(meta["epoch"])
+
+
+def _place_like(value: np.ndarray, like) -> jax.Array:
+    """``value`` placed like ``like``: on its devices, uncommitted on the default one."""
+    sharding = getattr(like, "sharding", None)
+    if sharding is None or sharding.device_set == {jax.devices()[0]}:
+        return jnp.asarray(value)
+    return jax.device_put(value, sharding)
 
 
 def _signature(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:

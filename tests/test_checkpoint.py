@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from helpers import tiny_data, tiny_run
 
-from adaptive_optax import checkpoint, loop
+from adaptive_optax import checkpoint, data, loop
 
 CONFIG = {"strategy": "adaptive", "width": 4}
 
@@ -56,3 +56,36 @@ def test_missing_checkpoint(tmp_path):
     assert checkpoint.latest_epoch(str(tmp_path / "none")) is None
     with pytest.raises(FileNotFoundError):
         checkpoint.restore(str(tmp_path), tiny_run()["state"], CONFIG)
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        checkpoint.restore(str(tmp_path / "typo"), tiny_run()["state"], CONFIG)
+    assert not (tmp_path / "typo").exists()  # a mistyped path is not created
+
+
+def test_a_new_save_replaces_later_epochs_of_an_older_run(tmp_path):
+    # A fresh run into the same directory: its epoch 0 must not be dropped
+    # because the old run's epoch 3 is newer.
+    old, new = tiny_run(seed=0), tiny_run(seed=1)
+    for epoch in (2, 3):
+        checkpoint.save(str(tmp_path), epoch, old["state"], loop.History(), CONFIG)
+    checkpoint.save(str(tmp_path), 0, new["state"], loop.History(), {**CONFIG, "run": "new"})
+    assert checkpoint.latest_epoch(str(tmp_path)) == 0
+    state, _, epoch = checkpoint.restore(str(tmp_path), old["state"], {**CONFIG, "run": "new"})
+    assert epoch == 0
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new["state"])):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"epoch must be an integer in \[0,"):
+        checkpoint.save(str(tmp_path), -1, new["state"], loop.History(), CONFIG)
+
+
+def test_restoring_mid_process_compiles_nothing_new_and_warns_nothing(tmp_path, caplog):
+    tr, _ = tiny_data()
+    run = tiny_run()
+    batch = next(iter(data.batches(tr, 8, seed=0, epoch=0)))
+    batch = data.SegmentationData(*map(jax.numpy.asarray, batch))
+    state, _ = run["train_step"](run["state"], batch)
+    checkpoint.save(str(tmp_path), 0, state, loop.History(), CONFIG)
+    with caplog.at_level("WARNING"):
+        restored, _, _ = checkpoint.restore(str(tmp_path), state, CONFIG)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    run["train_step"](restored, batch)
+    assert run["train_step"]._cache_size() == 1
