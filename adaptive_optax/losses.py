@@ -21,6 +21,7 @@ wrappers that fix the shape/reduction convention; only the instance variance
 term is written by hand.
 """
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -105,6 +106,10 @@ def _check_hyperparameter(
         raise ValueError(f"{name} must be {requirement}, got {concrete}.")
 
 
+def _finite_positive(value: float) -> bool:
+    return 0.0 < value < math.inf
+
+
 def dice_loss(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -129,14 +134,15 @@ def dice_loss(
     Args:
         logits: Raw outputs, ``[batch, H, W, C]``.
         targets: Binary (``C == 1``) or one-hot (``C > 1``) masks, same shape.
-        smooth: Additive smoothing; keep it ``> 0`` so an empty target with a
-            saturated empty prediction stays finite.
+        smooth: Additive smoothing, finite and ``> 0``, so an empty target
+            with a saturated empty prediction stays finite.
 
     Returns:
         Float32 scalar in ``[0, 1]``.
 
     Raises:
-        ValueError: If the shapes do not follow the convention.
+        ValueError: If the shapes do not follow the convention, or a concrete
+            ``smooth`` is not a finite number ``> 0``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -145,6 +151,8 @@ def dice_loss(
         >>> print(f"{float(dice_loss(logits, targets)):.4f}")
         0.0000
     """
+    # smooth = 0 gives 0/0 = nan for an empty target and an empty prediction.
+    _check_hyperparameter("smooth", smooth, _finite_positive, "a finite number > 0")
     logits, targets = _prepare(logits, targets, "dice_loss")
     if logits.shape[-1] == 1:
         per_image = optax.losses.binary_dice_loss(
@@ -190,7 +198,8 @@ def focal_loss(
 
     Raises:
         ValueError: If the shapes do not follow the convention, or if a
-            concrete ``alpha`` is outside ``[0, 1]`` or ``gamma < 0``.
+            concrete ``alpha`` is outside ``[0, 1]`` or ``gamma`` is not a
+            finite number ``>= 0``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -201,7 +210,7 @@ def focal_loss(
     """
     _check_hyperparameter("alpha", alpha, lambda a: 0.0 <= a <= 1.0, "in [0, 1]")
     # A negative gamma turns (1 - p_t)**gamma into inf for confident pixels.
-    _check_hyperparameter("gamma", gamma, lambda g: g >= 0.0, ">= 0")
+    _check_hyperparameter("gamma", gamma, lambda g: 0.0 <= g < math.inf, "a finite number >= 0")
     logits, targets = _prepare(logits, targets, "focal_loss")
     return jnp.mean(
         optax.losses.sigmoid_focal_loss(
@@ -272,14 +281,15 @@ def tversky_loss(
         targets: Binary (``C == 1``) or one-hot (``C > 1``) masks, same shape.
         alpha: Weight of false positives, ``>= 0``.
         beta: Weight of false negatives, ``>= 0``.
-        smooth: Additive smoothing; keep it ``> 0`` for empty masks.
+        smooth: Additive smoothing, finite and ``> 0`` (empty masks).
 
     Returns:
         Float32 scalar.
 
     Raises:
         ValueError: If the shapes do not follow the convention, or if a
-            concrete ``alpha`` or ``beta`` is negative (the message names the
+            concrete ``alpha`` or ``beta`` is negative or infinite, or
+            ``smooth`` is not a finite number ``> 0`` (the message names the
             argument).
 
     Example:
@@ -289,8 +299,9 @@ def tversky_loss(
         >>> print(f"{float(tversky_loss(logits, targets)):.4f}")  # 1-1/(.7*4+1)
         0.7368
     """
-    _check_hyperparameter("alpha", alpha, lambda a: a >= 0.0, ">= 0")
-    _check_hyperparameter("beta", beta, lambda b: b >= 0.0, ">= 0")
+    _check_hyperparameter("alpha", alpha, lambda a: 0.0 <= a < math.inf, "a finite number >= 0")
+    _check_hyperparameter("beta", beta, lambda b: 0.0 <= b < math.inf, "a finite number >= 0")
+    _check_hyperparameter("smooth", smooth, _finite_positive, "a finite number > 0")
     logits, targets = _prepare(logits, targets, "tversky_loss")
     # optax.losses.dice_loss *is* the Tversky index when alpha != beta (alpha
     # on FP = P - TP, beta on FN = T - TP, same convention as here), and it

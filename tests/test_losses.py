@@ -198,13 +198,23 @@ def test_tversky_half_half_is_dice(case):
 
 
 @pytest.mark.parametrize("name", ["alpha", "beta"])
-def test_tversky_rejects_negative_weights(name):
+@pytest.mark.parametrize("value", [-0.1, float("inf")])
+def test_tversky_rejects_negative_or_infinite_weights(name, value):
     with pytest.raises(ValueError, match=name):
-        losses.tversky_loss(BIN_LOGITS, BIN_TARGETS, **{name: -0.1})
+        losses.tversky_loss(BIN_LOGITS, BIN_TARGETS, **{name: value})
+
+
+@pytest.mark.parametrize("loss", [losses.dice_loss, losses.tversky_loss])
+@pytest.mark.parametrize("smooth", [0.0, -1.0, float("inf"), float("nan")])
+def test_smoothing_must_be_finite_and_positive(loss, smooth):
+    # smooth = 0 would give 0/0 for an empty target and an empty prediction.
+    with pytest.raises(ValueError, match=r"smooth must be a finite number > 0, got"):
+        loss(BIN_LOGITS, BIN_TARGETS, smooth=smooth)
 
 
 @pytest.mark.parametrize(
-    "kwargs, name", [({"alpha": 1.5}, "alpha"), ({"gamma": -1.0}, "gamma")]
+    "kwargs, name", [({"alpha": 1.5}, "alpha"), ({"gamma": -1.0}, "gamma"),
+                     ({"gamma": float("inf")}, "gamma")]
 )
 def test_focal_rejects_bad_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
