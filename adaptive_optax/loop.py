@@ -15,6 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adaptive_optax._validation import check_int
 from adaptive_optax.data import SegmentationData, batches, num_batches
 from adaptive_optax.metrics import dice_iou
 from adaptive_optax.train import StepMetrics, evaluate
@@ -89,13 +91,15 @@ def fit(
         eval_step: From :func:`adaptive_optax.train.make_eval_step`.
         state: The train state from :func:`adaptive_optax.train.init_train_state`.
         train_data: Training images, masks and instances.
-        val_data: Validation data (evaluated whole, in ``batch_size`` chunks).
+        val_data: Validation data, evaluated whole after every epoch in
+            ``batch_size`` chunks (the last one padded; see
+            :func:`adaptive_optax.train.evaluate`); at least one example.
         epochs: Index of the epoch to stop before (the total epoch count).
         batch_size: Fixed batch size (the remainder of each epoch is dropped).
         seed: Shuffling seed; epoch ``e`` always sees the same order.
         start_epoch: First epoch to run (to resume a checkpoint).
         history: History to extend (to resume); a new one if ``None``.
-        steps_per_epoch: Cap on the batches per epoch (default: all).
+        steps_per_epoch: Cap on the batches per epoch, ``>= 1`` (default: all).
         mix_label: Names a mix index in the intervention log.
         on_epoch_end: Called as ``on_epoch_end(epoch, state, history)``.
         on_step: Called after each step (e.g. a progress bar's ``update``).
@@ -104,13 +108,21 @@ def fit(
 
     Returns:
         ``(state, history)``.
+
+    Raises:
+        ValueError: If an argument is out of range (checked before the first
+            step, so a bad argument never costs an epoch or the donated state).
     """
+    epochs = check_int("epochs", epochs, 0)
+    start_epoch = check_int("start_epoch", start_epoch, 0, maximum=max(epochs, 0))
+    if val_data.images.shape[0] == 0:
+        raise ValueError("val_data must hold at least one example, got an empty data set.")
     history = History() if history is None else history
     if put_batch is None:
         put_batch = lambda batch: SegmentationData(*map(jnp.asarray, batch))  # noqa: E731
     per_epoch = num_batches(train_data, batch_size)
     if steps_per_epoch is not None:
-        per_epoch = min(per_epoch, steps_per_epoch)
+        per_epoch = min(per_epoch, check_int("steps_per_epoch", steps_per_epoch, 1))
     for epoch in range(start_epoch, epochs):
         rows = []
         for i, batch in enumerate(batches(train_data, batch_size, seed=seed, epoch=epoch)):

@@ -11,13 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def confusion_counts(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def confusion_counts(
+    logits: jax.Array, targets: jax.Array, example_weights: jax.Array | None = None
+) -> jax.Array:
     """Per-class ``[intersection, predicted, target]`` pixel counts.
 
     Args:
         logits: ``[batch, H, W, C]`` raw outputs; ``C == 1`` thresholds the
             sigmoid at 0.5 (logit 0), ``C > 1`` takes the argmax.
         targets: Binary (``C == 1``) or one-hot (``C > 1``) masks, same shape.
+        example_weights: Optional ``[batch]`` weights of the examples; 0 leaves
+            an example out (the padding of a data set's last batch).
 
     Returns:
         float32 ``[C, 3]`` counts.
@@ -37,6 +41,12 @@ def confusion_counts(logits: jax.Array, targets: jax.Array) -> jax.Array:
     else:
         pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), classes, dtype=jnp.float32)
     target = (targets > 0.5).astype(jnp.float32)
+    if example_weights is not None:
+        if jnp.shape(example_weights) != logits.shape[:1]:
+            raise ValueError(f"example_weights must have shape {logits.shape[:1]}, got "
+                             f"{jnp.shape(example_weights)}.")
+        w = jnp.asarray(example_weights, jnp.float32)[:, None, None, None]
+        pred, target = pred * w, target * w
     axes = (0, 1, 2)
     return jnp.stack([jnp.sum(pred * target, axes), jnp.sum(pred, axes), jnp.sum(target, axes)],
                      axis=-1)

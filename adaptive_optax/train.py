@@ -27,11 +27,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.data import SegmentationData
-from adaptive_optax.losses import loss_components, mixed_loss
+from adaptive_optax.losses import LOSS_NAMES, loss_components, mixed_loss
 from adaptive_optax.metrics import confusion_counts
 from adaptive_optax.state import find_state
 
@@ -128,22 +130,51 @@ def make_train_step(
         The jitted train step. It compiles once per batch shape.
 
     Raises:
-        ValueError: If ``monitor`` is unknown, or ``reference_weights`` is
-            missing while ``monitor="reference"``.
+        ValueError: If ``monitor`` is unknown, ``loss_names`` is a bare string
+            or holds an unknown name, or ``reference_weights`` is missing
+            while ``monitor="reference"``, has other keys than
+            ``loss_names`` or a weight that is not a finite number ``>= 0``
+            (a nan weight would make every monitored value nan and silently
+            switch plateau detection off).
+
+    Example:
+        >>> from adaptive_optax import plateau_escape
+        >>> graphdef, state = init_train_state(
+        ...     nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), plateau_escape(optax.adam, 1e-3))
+        >>> step = make_train_step(graphdef, reference_weights={
+        ...     "dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
     """
     if monitor not in ("reference", "loss"):
         raise ValueError(f"monitor must be 'reference' or 'loss', got monitor = {monitor!r}.")
+    if isinstance(loss_names, str):
+        raise ValueError(f"loss_names must be a sequence of names from {LOSS_NAMES}, got the "
+                         f"string {loss_names!r}; did you mean ({loss_names!r},)?")
+    names = tuple(loss_names)
+    unknown = sorted(set(names) - set(LOSS_NAMES))
+    if unknown or not names:
+        raise ValueError(f"loss_names must be a non-empty sequence of names from {LOSS_NAMES}, "
+                         f"got loss_names = {loss_names!r}.")
     if monitor == "reference" and reference_weights is None:
         raise ValueError("monitor='reference' needs reference_weights (e.g. policy.initial_mix).")
-    names = tuple(loss_names)
-    reference = None if reference_weights is None else {
-        k: float(v) for k, v in reference_weights.items()}
+    reference = None
+    if reference_weights is not None:
+        if set(reference_weights) != set(names):
+            raise ValueError(
+                f"reference_weights must have exactly the keys of loss_names {sorted(names)}, "
+                f"got {sorted(reference_weights)}.")
+        reference = {k: check_float(f"reference_weights[{k!r}]", v, low=0.0)
+                     for k, v in reference_weights.items()}
 
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
     def train_step(state, batch: SegmentationData):
         model, optimizer = nnx.merge(graphdef, state)
         model.train()
         weights = optax.tree.get(nnx.pure(optimizer.opt_state), "loss_weights")
+        if weights is None:
+            raise ValueError("make_train_step reads the loss mix from the optimizer state: "
+                             "build the optimizer with adaptive_optax.plateau_escape (alone or "
+                             "inside optax.chain), whose state holds loss_weights.")
+        stats_before = nnx.pure(nnx.state(model, nnx.BatchStat))
 
         def loss_fn(model):
             logits = model(batch.images)
@@ -153,37 +184,75 @@ def make_train_step(
         (loss, components), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         value = loss if monitor == "loss" else mixed_loss(components, reference)
         optimizer.update(model, grads, value=value)
+        if jax.tree.leaves(stats_before):
+            _keep_finite_batch_stats(model, stats_before, grads)
         readings = state_readings(nnx.pure(optimizer.opt_state))
         return nnx.state((model, optimizer)), StepMetrics(loss, value, components, readings)
 
     return train_step
 
 
-def make_eval_step(graphdef):
-    """Builds the jitted ``eval_step(state, batch) -> [C, 3]`` confusion counts.
+def _keep_finite_batch_stats(model: nnx.Module, before, grads) -> None:
+    """Undoes this step's BatchNorm running-statistics update if it is not finite.
 
-    Sum the counts over a data set and pass them to
-    :func:`adaptive_optax.metrics.dice_iou` for per-class Dice and IoU.
+    The forward pass in train mode updates the running statistics before the
+    optimizer sees the gradients. A batch with a nan or inf (which the
+    transformation skips) would otherwise leave nan statistics behind, and
+    every later eval-mode output would be nan. The statistics follow the
+    update: kept when the gradients and the new statistics are finite.
+    """
+    after = nnx.pure(nnx.state(model, nnx.BatchStat))
+    finite = jnp.isfinite(optax.global_norm(grads))
+    for leaf in jax.tree.leaves(after):
+        finite &= jnp.all(jnp.isfinite(leaf))
+    nnx.update(model, jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
+
+
+def make_eval_step(graphdef):
+    """Builds the jitted ``eval_step(state, batch, example_weights=None) -> [C, 3]``.
+
+    The result is :func:`~adaptive_optax.metrics.confusion_counts` of the
+    model in eval mode. Sum the counts over a data set (:func:`evaluate` does)
+    and pass them to :func:`adaptive_optax.metrics.dice_iou` for per-class
+    Dice and IoU.
     """
 
     @jax.jit
-    def eval_step(state, batch: SegmentationData) -> jax.Array:
+    def eval_step(state, batch: SegmentationData, example_weights=None) -> jax.Array:
         model, _ = nnx.merge(graphdef, state)
         model.eval()
-        return confusion_counts(model(batch.images), batch.masks)
+        return confusion_counts(model(batch.images), batch.masks, example_weights)
 
     return eval_step
 
 
 def evaluate(eval_step, state, data: SegmentationData, batch_size: int) -> jax.Array:
-    """Sums confusion counts over ``data`` in fixed-size batches (remainder dropped)."""
-    n = data.images.shape[0] // batch_size
-    if n == 0:
-        raise ValueError(f"batch_size = {batch_size} is larger than the {data.images.shape[0]} "
-                         "evaluation images.")
+    """Sums confusion counts over every example of ``data``, ``batch_size`` at a time.
+
+    The last batch is padded to ``batch_size`` (repeating its first example)
+    with weight 0 for the padding, so every example counts once and the step
+    compiles for one batch shape.
+
+    Args:
+        eval_step: From :func:`make_eval_step`.
+        state: The train state.
+        data: The evaluation set (at least one example).
+        batch_size: Examples per call, ``>= 1``.
+
+    Returns:
+        float32 ``[C, 3]`` counts.
+    """
+    batch_size = check_int("batch_size", batch_size, 1)
+    total_examples = data.images.shape[0]
+    if total_examples == 0:
+        raise ValueError("evaluate needs at least one example, got an empty data set.")
+    host = [np.asarray(a) for a in data]
     total = None
-    for i in range(n):
-        sl = slice(i * batch_size, (i + 1) * batch_size)
-        counts = eval_step(state, SegmentationData(*(jnp.asarray(a[sl]) for a in data)))
+    for start in range(0, total_examples, batch_size):
+        index = np.arange(start, start + batch_size)
+        valid = index < total_examples
+        index = np.where(valid, index, start)
+        batch = SegmentationData(*(jnp.asarray(a[index]) for a in host))
+        counts = eval_step(state, batch, jnp.asarray(valid, jnp.float32))
         total = counts if total is None else total + counts
     return total

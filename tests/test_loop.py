@@ -52,3 +52,32 @@ def test_steps_per_epoch_caps_an_epoch():
     _, history = loop.fit(run["train_step"], run["eval_step"], run["state"], tr, va,
                           epochs=1, batch_size=8, steps_per_epoch=2)
     assert len(history.steps["loss"]) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=-1), r"epochs must be an integer in \[0,"),
+    (dict(epochs=2, start_epoch=3), r"start_epoch must be an integer in \[0, 2\]"),
+    (dict(epochs=2, steps_per_epoch=0), r"steps_per_epoch must be an integer in \[1,"),
+    (dict(epochs=2, steps_per_epoch=-1), r"steps_per_epoch must be an integer in \[1,"),
+])
+def test_bad_arguments_fail_before_the_first_step(kwargs, match):
+    tr, va = tiny_data()
+    run = tiny_run()
+    calls = []
+
+    def step(state, batch):
+        calls.append(1)
+        return run["train_step"](state, batch)
+
+    with pytest.raises(ValueError, match=match):
+        loop.fit(step, run["eval_step"], run["state"], tr, va, batch_size=8, **kwargs)
+    assert calls == []
+
+
+def test_an_empty_validation_set_fails_before_the_first_step():
+    tr, va = tiny_data()
+    run = tiny_run()
+    empty = type(va)(*(a[:0] for a in va))
+    with pytest.raises(ValueError, match="val_data must hold at least one example"):
+        loop.fit(run["train_step"], run["eval_step"], run["state"], tr, empty, epochs=1,
+                 batch_size=8)

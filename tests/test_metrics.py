@@ -1,5 +1,6 @@
 """Dice/IoU from confusion counts."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -44,3 +45,14 @@ def test_counts_sum_over_batches_equals_whole():
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError, match="logits and targets"):
         confusion_counts(jnp.zeros((1, 2, 2, 1)), jnp.zeros((1, 2, 2, 2)))
+
+
+def test_example_weights_leave_examples_out():
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.normal(size=(3, 4, 4, 2)), jnp.float32)
+    targets = jax.nn.one_hot(rng.integers(0, 2, size=(3, 4, 4)), 2)
+    weighted = confusion_counts(logits, targets, jnp.array([1.0, 0.0, 1.0]))
+    kept = confusion_counts(logits[::2], targets[::2])
+    np.testing.assert_allclose(weighted, kept)
+    with pytest.raises(ValueError, match=r"example_weights must have shape \(3,\)"):
+        confusion_counts(logits, targets, jnp.ones(2))

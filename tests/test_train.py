@@ -1,5 +1,6 @@
 """The jitted train step: mix from the state, reference monitor, one compile, learning."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +9,10 @@ import pytest
 from flax import nnx
 from helpers import tiny_data, tiny_run
 
-from adaptive_optax import data, train
+from adaptive_optax import data, strategies, train
 from adaptive_optax.losses import loss_components, mixed_loss
-from adaptive_optax.metrics import dice_iou
+from adaptive_optax.metrics import confusion_counts, dice_iou
+from adaptive_optax.unet import UNet
 
 
 def batch_of(d, n=8):
@@ -51,6 +53,55 @@ def test_bad_monitor_arguments():
         train.make_train_step(run["graphdef"])
 
 
+REFERENCE = {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(loss_names="dice"), r"loss_names must be a sequence .* got the string 'dice'"),
+    (dict(loss_names=("dice", "hinge")), r"loss_names must be a non-empty sequence .*'hinge'"),
+    (dict(loss_names=()), r"loss_names must be a non-empty sequence"),
+    (dict(reference_weights={"dice": 1.0}),
+     r"reference_weights must have exactly the keys of loss_names"),
+    (dict(reference_weights={**REFERENCE, "dice": float("nan")}),
+     r"reference_weights\['dice'\] must be a finite number in \[0,"),
+    (dict(reference_weights={**REFERENCE, "bce": -1.0}),
+     r"reference_weights\['bce'\] must be a finite number in \[0,"),
+])
+def test_bad_loss_arguments_fail_at_construction(kwargs, match):
+    run = tiny_run()
+    with pytest.raises(ValueError, match=match):
+        train.make_train_step(run["graphdef"], **{"reference_weights": REFERENCE, **kwargs})
+
+
+def test_an_optimizer_without_plateau_escape_is_named_in_the_error():
+    model = UNet(1, 1, depth=1, base_width=4, rngs=nnx.Rngs(0))
+    graphdef, state = train.init_train_state(model, optax.adam(1e-3))
+    step = train.make_train_step(graphdef, reference_weights=REFERENCE)
+    with pytest.raises(ValueError, match="build the optimizer with adaptive_optax.plateau_escape"):
+        step(state, batch_of(tiny_data()[0]))
+
+
+def test_a_nonfinite_batch_leaves_batchnorm_statistics_as_they_were():
+    model = UNet(1, 1, depth=1, base_width=4, norm="batch", rngs=nnx.Rngs(0))
+    tx = strategies.make_optimizer("adaptive", 1e-3, total_steps=10)
+    graphdef, state = train.init_train_state(model, tx)
+    step = train.make_train_step(graphdef, reference_weights=REFERENCE)
+    batch = batch_of(tiny_data()[0])
+    state, _ = step(state, batch)
+    stats = lambda s: jax.device_get(nnx.pure(nnx.state(nnx.merge(graphdef, s)[0], nnx.BatchStat)))
+    before = stats(state)
+    bad = batch._replace(images=batch.images.at[0, 0, 0, 0].set(jnp.nan))
+    state, metrics = step(state, bad)
+    assert int(metrics.readings["nonfinite_grad_count"]) == 1  # the update was skipped ...
+    chex.assert_trees_all_equal(stats(state), before)  # ... and so was the statistics' update
+    state, _ = step(state, batch)  # a clean step updates them again
+    assert not np.allclose(jax.tree.leaves(stats(state))[0], jax.tree.leaves(before)[0])
+    model, _ = nnx.merge(graphdef, state)
+    model.eval()
+    assert bool(jnp.all(jnp.isfinite(model(batch.images))))
+    assert step._cache_size() == 1
+
+
 def test_a_run_with_interventions_compiles_the_step_once():
     tr, _ = tiny_data()
     run = tiny_run(patience=0, accumulation_steps=1, rtol=0.5)
@@ -77,8 +128,26 @@ def test_training_improves_dice_well_above_its_start():
     assert end[0] > start[0] + 0.3
 
 
-def test_evaluate_rejects_a_batch_larger_than_the_data():
+@pytest.mark.parametrize("n_val", [4, 12, 16])
+def test_evaluate_counts_every_example_once_with_one_compile(n_val):
+    # 4 < batch and 12 = 8 + 4: the last batch is padded, and its padding counts 0.
+    run = tiny_run()
+    _, va = tiny_data(n_val=n_val)
+    eval_step = train.make_eval_step(run["graphdef"])
+    counts = train.evaluate(eval_step, run["state"], va, 8)
+    model, _ = nnx.merge(run["graphdef"], run["state"])
+    model.eval()
+    whole = confusion_counts(model(jnp.asarray(va.images)), jnp.asarray(va.masks))
+    np.testing.assert_allclose(counts, whole, rtol=1e-6)
+    assert float(counts[0, 2]) == float(np.sum(np.asarray(va.masks) > 0.5))
+    assert eval_step._cache_size() == 1
+
+
+def test_evaluate_rejects_bad_arguments():
     run = tiny_run()
     _, va = tiny_data(n_val=4)
-    with pytest.raises(ValueError, match="batch_size"):
-        train.evaluate(run["eval_step"], run["state"], va, 8)
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[1,"):
+        train.evaluate(run["eval_step"], run["state"], va, 0)
+    empty = data.SegmentationData(*(a[:0] for a in va))
+    with pytest.raises(ValueError, match="at least one example"):
+        train.evaluate(run["eval_step"], run["state"], empty, 8)
