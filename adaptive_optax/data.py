@@ -65,7 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from adaptive_optax._validation import check_float, check_int
+from adaptive_optax._validation import check_bool, check_float, check_int
 
 __all__ = [
     "DATASET_NAMES",
@@ -463,9 +463,9 @@ def nuclei_dataset(
     crop_size = check_int("crop_size", crop_size, 8)
     num_train = check_int("num_train", num_train, 1)
     max_instances = check_int("max_instances", max_instances, 1, maximum=2**63 - 1)
-    val_fraction = float(val_fraction)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0,
+                               low_open=True, high_open=True)
+    augment = check_bool("augment", augment)
     image, labels = _load_nuclei()
     height, width = image.shape
     split = int(round(width * (1.0 - val_fraction)))
@@ -561,7 +561,8 @@ def batches(
         [(4, 16, 16), (4, 16, 16)]
     """
     steps = num_batches(data, batch_size)
-    seed = check_int("seed", seed, 0)
+    # The same seed range as the loaders: default_rng takes any non-negative int.
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     epoch = check_int("epoch", epoch, 0)
     order = np.random.default_rng([seed, epoch]).permutation(data.images.shape[0])
 
@@ -628,12 +629,18 @@ def load_dataset(
                 "num_val does not apply to 'nuclei': its validation crops are a "
                 "fixed tiling of the held-out columns"
             )
-        return nuclei_dataset(
-            crop_size=size,
-            num_train=256 if num_train is None else num_train,
-            seed=seed,
-            max_instances=max_instances,
-        )
+        try:
+            return nuclei_dataset(
+                crop_size=size,
+                num_train=256 if num_train is None else num_train,
+                seed=seed,
+                max_instances=max_instances,
+            )
+        except (TypeError, ValueError) as err:
+            if not str(err).startswith("crop_size"):
+                raise
+            # The caller passed `size`: name it, not nuclei_dataset's crop_size.
+            raise type(err)(f"size = {size!r} is not a valid crop size for 'nuclei': {err}") from None
     if name == "shapes":
         train = synthetic_shapes(
             512 if num_train is None else num_train,

@@ -29,7 +29,7 @@ from adaptive_optax.train import evaluate, init_train_state, make_eval_step, mak
 from adaptive_optax.unet import UNet
 
 # Options that do not change the numbers of a run, so --resume may differ in them.
-_NOT_CONFIG = ("out", "resume", "progress")
+_NOT_CONFIG = ("out", "resume", "progress", "checkpoint_every")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,9 +110,9 @@ def run_config(args: argparse.Namespace) -> dict:
 def build(args: argparse.Namespace):
     """Data, model, optimizer and jitted steps for ``args``."""
     train_data, val_data = load_dataset(args.data, seed=args.seed)
-    if args.batch_size > train_data.images.shape[0] or args.batch_size > val_data.images.shape[0]:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {val_data.images.shape[0]} "
-                         "validation or the training images.")
+    if args.batch_size > train_data.images.shape[0]:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the "
+                         f"{train_data.images.shape[0]} training images.")
     steps_per_epoch = num_batches(train_data, args.batch_size)
     if args.steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)

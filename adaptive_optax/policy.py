@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import NamedTuple, Union
 
 import jax
@@ -46,17 +47,21 @@ from adaptive_optax._validation import check_bool, check_floats
 LossMix = Mapping[str, float]
 MixStep = Union[str, int]
 
-SEED_MIXES: tuple[dict[str, float], ...] = (
+# Read-only views: a user's edit of a module constant must not change the
+# defaults of every policy built after it.
+SEED_MIXES: tuple[Mapping[str, float], ...] = tuple(MappingProxyType(m) for m in (
     {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0},  # balanced
     {"dice": 0.5, "focal": 0.5, "variance": 0.0, "bce": 0.0},  # focal-heavy
     {"dice": 0.4, "focal": 0.6, "variance": 0.0, "bce": 0.0},  # very focal-heavy
     {"dice": 0.7, "focal": 0.3, "variance": 0.0, "bce": 0.0},  # dice-heavy
     {"dice": 0.5, "focal": 0.3, "variance": 0.2, "bce": 0.0},  # with variance
-)
-BALANCED_MIX: dict[str, float] = {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0}
+))
+BALANCED_MIX: Mapping[str, float] = MappingProxyType(
+    {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0})
 # The seed never states the mix used before the first plateau; this one
 # switches every component on so that each later mix is a real change.
-DEFAULT_INITIAL_MIX: dict[str, float] = {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2}
+DEFAULT_INITIAL_MIX: Mapping[str, float] = MappingProxyType(
+    {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
 
 _PLAN_WORDS = ("random", "final", "keep")
 _RANDOM, _FINAL, _KEEP = -1, -2, -3

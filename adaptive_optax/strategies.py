@@ -4,16 +4,17 @@ Every strategy is a :func:`adaptive_optax.plateau_escape` around the same
 inner optimizer, so every run has the same state fields (learning rate, loss
 weights, plateau state) and differs only in what happens on a plateau:
 
-==================  ===========================================================
-``adaptive``        the seed's adaptive policy (grad-norm boosts, random mixes)
-``adaptive-guard``  ``adaptive`` plus the rollback guard
-``legacy``          the seed's old deterministic 10x / 5x / 3x interventions
-``reduce-on-plateau`` ``optax.contrib.reduce_on_plateau`` chained after a
-                    never-intervening ``plateau_escape`` (factor 0.1)
-``constant``        no interventions, constant learning rate
-``cosine``          no interventions, cosine decay over the run
-``sgdr``            no interventions, SGDR warm restarts (4 cycles)
-==================  ===========================================================
+=====================  ========================================================
+``adaptive``           the seed's adaptive policy (grad-norm boosts, random mixes)
+``adaptive-guard``     ``adaptive`` plus the rollback guard
+``legacy``             the seed's old deterministic 10x / 5x / 3x interventions
+``reduce-on-plateau``  ``optax.contrib.reduce_on_plateau`` chained after a
+                       never-intervening ``plateau_escape`` (factor 0.1;
+                       minimises, so ``mode="min"`` only)
+``constant``           no interventions, constant learning rate
+``cosine``             no interventions, cosine decay over the run
+``sgdr``               no interventions, SGDR warm restarts (4 cycles)
+=====================  ========================================================
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def make_optimizer(
         The transformation.
 
     Raises:
-        ValueError: If ``strategy`` is unknown.
+        ValueError: If ``strategy`` is unknown, or ``mode="max"`` is asked of
+            ``reduce-on-plateau``.
 
     Example:
         >>> tx = make_optimizer("legacy", 1e-3, total_steps=100)
@@ -83,7 +85,13 @@ def make_optimizer(
                   rtol=rtol, seed=seed, policy=policy or policy_for(strategy), optimizer=optimizer, **kwargs)
     intervening = strategy in ("adaptive", "adaptive-guard", "legacy")
     if strategy == "adaptive-guard":
-        common["rollback"] = RollbackGuard()
+        common.setdefault("rollback", RollbackGuard())
+    if strategy == "reduce-on-plateau" and kwargs.get("mode", "min") != "min":
+        # optax's reduce_on_plateau only minimises, and its rtol test
+        # (value < (1 - rtol) * best) is wrong for a negated score.
+        raise ValueError("strategy 'reduce-on-plateau' minimises the monitored value "
+                         "(optax.contrib.reduce_on_plateau has no mode); got "
+                         f"mode = {kwargs['mode']!r}, allowed: 'min'.")
     schedule = learning_rate
     if strategy == "cosine":
         schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.01)
@@ -98,5 +106,5 @@ def make_optimizer(
         # patience + 1, so the two strategies wait equally long.
         tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
             factor=0.1, patience=patience + 1, cooldown=cooldown, rtol=rtol,
-            accumulation_size=accumulation_steps))
+            atol=kwargs.get("atol", 0.0), accumulation_size=accumulation_steps))
     return tx

@@ -224,6 +224,24 @@ def test_nuclei_dataset_rejects_bad_args(column_coded_image, kwargs, message):
         nuclei_dataset(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"val_fraction": "a"}, TypeError, r"val_fraction must be a real number in \(0, 1\)"),
+        ({"val_fraction": None}, TypeError, r"val_fraction must be a real number in \(0, 1\)"),
+        ({"augment": "no"}, TypeError, r"augment must be True or False, got augment = 'no'"),
+    ],
+)
+def test_nuclei_dataset_names_badly_typed_args(column_coded_image, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        nuclei_dataset(**kwargs)
+
+
+def test_load_dataset_names_size_for_nuclei(column_coded_image):
+    with pytest.raises(ValueError, match=r"^size = 600 is not a valid crop size for 'nuclei'"):
+        load_dataset("nuclei", size=600)
+
+
 def test_missing_stardist_says_how_to_install(monkeypatch):
     monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
     data_lib._load_nuclei.cache_clear()
@@ -288,6 +306,13 @@ def test_batches_reject_bad_batch_size(batch_size):
 def test_batches_reject_negative_epoch():
     with pytest.raises(ValueError, match="epoch"):
         batches(indexed_data(4), 2, seed=0, epoch=-1)
+
+
+def test_batches_take_every_seed_the_loaders_take():
+    # load_dataset and the demo accept seeds up to 2**63 - 1; so must batches.
+    assert len(list(batches(indexed_data(4), 2, seed=2**63 - 1, epoch=0))) == 2
+    with pytest.raises(ValueError, match="seed"):
+        batches(indexed_data(4), 2, seed=2**63, epoch=0)
 
 
 # --- load_dataset -----------------------------------------------------------

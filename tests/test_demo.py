@@ -82,6 +82,13 @@ def test_resume_with_another_config_is_refused(tmp_path, capsys):
     assert "lr" in capsys.readouterr().err
 
 
+def test_checkpoint_every_is_not_part_of_the_run_config():
+    # It changes when checkpoints are written, not the numbers: --resume may differ in it.
+    a = demo.run_config(demo.build_parser().parse_args(TINY + ["--checkpoint-every", "1"]))
+    b = demo.run_config(demo.build_parser().parse_args(TINY + ["--checkpoint-every", "2"]))
+    assert a == b and "checkpoint_every" not in a
+
+
 def test_resume_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(TINY + ["--out", str(tmp_path / "empty"), "--resume"])

@@ -8,6 +8,7 @@ import pytest
 
 from adaptive_optax.policy import (
     BALANCED_MIX,
+    DEFAULT_INITIAL_MIX,
     SEED_MIXES,
     InterventionPolicy,
     InterventionState,
@@ -157,3 +158,13 @@ def test_decide_traces_under_jit():
 def test_invalid_policy_raises_naming_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         InterventionPolicy(**kwargs)
+
+
+def test_module_mixes_are_read_only():
+    # An edit would otherwise change the defaults of every later policy.
+    with pytest.raises(TypeError):
+        BALANCED_MIX["dice"] = 0.99
+    with pytest.raises(TypeError):
+        SEED_MIXES[0]["dice"] = 0.99
+    with pytest.raises(TypeError):
+        DEFAULT_INITIAL_MIX["dice"] = 0.99

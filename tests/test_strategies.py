@@ -64,3 +64,38 @@ def test_custom_policy_is_accepted():
     policy = adaptive_policy(damping=(1.0, 0.5))
     tx = strategies.make_optimizer("adaptive", 1e-3, total_steps=10, policy=policy)
     assert tx.init({"w": jnp.ones(2)}) is not None
+
+
+def test_reduce_on_plateau_refuses_a_maximised_score():
+    # optax's reduce_on_plateau would cut the rate while a Dice score improves.
+    with pytest.raises(ValueError, match="mode = 'max', allowed: 'min'"):
+        strategies.make_optimizer("reduce-on-plateau", 1e-3, total_steps=10, mode="max")
+
+
+def test_reduce_on_plateau_gets_atol():
+    tx = strategies.make_optimizer("reduce-on-plateau", 1e-2, total_steps=10, patience=0,
+                                   cooldown=0, rtol=0.0, atol=0.5)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    # Each value improves by 0.1 < atol: optax counts it as a plateau and cuts.
+    for value in (1.0, 0.9, 0.8):
+        _, state = tx.update({"w": jnp.ones(3)}, state, params, value=jnp.float32(value))
+    assert float(optax.tree.get(state, "ReduceLROnPlateauState").scale) < 1.0
+
+
+def test_adaptive_guard_keeps_a_given_rollback_guard(monkeypatch):
+    from adaptive_optax.rollback import RollbackGuard
+
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen["rollback"] = kwargs.get("rollback")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    guard = RollbackGuard(guard_windows=5)
+    strategies.make_optimizer("adaptive-guard", 1e-3, total_steps=10, rollback=guard)
+    assert seen["rollback"] is guard
+    strategies.make_optimizer("adaptive-guard", 1e-3, total_steps=10)
+    assert seen["rollback"] == RollbackGuard()
