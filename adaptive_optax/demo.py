@@ -65,10 +65,19 @@ def _fraction(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except for flags and options whose help says it."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, bool) or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The demo's command-line interface."""
     p = _Parser(prog="adaptive-optax", description=__doc__.split("\n\n")[0],
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                formatter_class=_HelpFormatter)
     p.add_argument("--strategy", choices=STRATEGIES, default="adaptive",
                    help="what to do on a plateau")
     p.add_argument("--data", choices=DATASET_NAMES, default="nuclei",
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUT/checkpoints")
     p.add_argument("--no-progress", dest="progress", action="store_false",
-                   help="no progress bar")
+                   help="no progress bar (shown by default)")
     return p
 
 

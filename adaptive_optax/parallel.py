@@ -113,9 +113,10 @@ def data_parallel_mesh(
 
     Args:
         num_devices: How many devices to use (the first ``num_devices`` of
-            ``devices``); ``None`` uses all of them. With several processes it
-            must be ``None`` or the global device count, so that every process
-            holds a part of the mesh.
+            ``devices``); ``None`` uses all of them. With several processes
+            the chosen devices must include at least one of every process,
+            so that every process holds a part of the mesh (``None`` always
+            does).
         devices: The devices to choose from; default ``jax.devices()`` (all
             devices of all processes).
 
@@ -261,9 +262,11 @@ def data_parallel(
     runs data-parallel on a replicated state and a sharded batch; this wrapper
     makes the contract explicit: the state and all outputs (new state,
     metrics) are replicated, the batch is sharded along its leading axis. An
-    input on other devices (e.g. a batch from ``jnp.asarray`` on the default
+    uncommitted input (numpy, or a batch from ``jnp.asarray`` on the default
     device) is moved to these shardings, so the step drops into
-    :func:`adaptive_optax.loop.fit` unchanged.
+    :func:`adaptive_optax.loop.fit` unchanged; jit refuses an array committed
+    to one device (``jax.device_put(x, device)``): pass it through
+    :func:`shard_batch` first.
 
     Args:
         train_step: A function of ``(state, batch)`` returning

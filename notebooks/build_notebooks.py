@@ -119,7 +119,7 @@ model = UNet(depth=2, base_width=8, rngs=nnx.Rngs(jax.random.key(0, impl="rbg"))
 print(f"{count_params(model):,} parameters")
 """),
         ("md", r"""
-## 3. The optimizer: `plateau_escape` chained into Adam
+## 3. The optimizer: `plateau_escape` wrapping Adam
 
 `plateau_escape(optax.adam, learning_rate, ...)` builds Adam with an injectable learning rate
 and drives it. The knobs used here:
