@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaptive_optax._validation import check_float
@@ -25,8 +26,12 @@ from adaptive_optax._validation import check_float
 def as_schedule(learning_rate: float | optax.Schedule) -> optax.Schedule:
     """A float > 0 as a constant float32 schedule; a schedule as is.
 
+    A scalar array (``jnp.float32(1e-3)``, as optax accepts) counts as a float.
+
     Raises:
-        ValueError: If ``learning_rate`` is neither; the message names it.
+        TypeError: If ``learning_rate`` is neither a real number, a real
+            scalar array nor a callable; the message names it.
+        ValueError: If it is a number outside ``(0, float32 max]``.
 
     Example:
         >>> float(as_schedule(0.1)(5))
@@ -34,9 +39,12 @@ def as_schedule(learning_rate: float | optax.Schedule) -> optax.Schedule:
     """
     if callable(learning_rate):
         return learning_rate
+    if (getattr(learning_rate, "shape", None) == () and not isinstance(learning_rate, jax.core.Tracer)
+            and np.issubdtype(np.asarray(learning_rate).dtype, np.floating)):
+        learning_rate = float(np.asarray(learning_rate))
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):
-        raise ValueError("learning_rate must be a float > 0 or an optax schedule, got "
-                         f"learning_rate = {learning_rate!r}.")
+        raise TypeError("learning_rate must be a float > 0 or an optax schedule, got "
+                        f"learning_rate = {learning_rate!r}.")
     value = check_float("learning_rate", learning_rate, low=0.0, high=math.inf,
                         low_open=True, high_open=True)
     return lambda step: jnp.full([], value, jnp.float32)
@@ -69,12 +77,12 @@ def inject_learning_rate(
         >>> sorted(tx.init({"w": jnp.zeros(2)}).hyperparams)
         ['learning_rate']
     """
-    if not callable(optimizer):
-        raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
-                        f"got {optimizer!r}.")
     if isinstance(optimizer, optax.GradientTransformation):
         raise TypeError("optimizer must be a factory taking learning_rate (e.g. optax.adam), "
                         "not a built GradientTransformation (e.g. optax.adam(1e-3)).")
+    if not callable(optimizer):
+        raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
+                        f"got {optimizer!r}.")
     try:
         params = inspect.signature(optimizer).parameters
     except (TypeError, ValueError) as err:

@@ -10,7 +10,8 @@ Definitions (each is tested):
 * **Window.** Every call to :meth:`PlateauDetector.update` is one step; a
   window closes on its ``accumulation_steps``-th step. Its value is the mean of
   the *finite* values seen in it. Non-finite values (NaN/Inf) are skipped and
-  counted in ``nonfinite_count``; a window whose values were all non-finite is
+  counted in ``nonfinite_count``; a window whose values were all non-finite,
+  or whose finite values sum past the float32 range (``|v| ~ 1e38``), is
   *invalid* and changes neither the best value, the plateau count nor the
   cooldown. A diverging run therefore never looks like a plateau, unlike
   ``optax.contrib.reduce_on_plateau``, PyTorch and Keras, which all count NaN as
@@ -154,8 +155,11 @@ class PlateauDetector:
         nonfinite_count = state.nonfinite_count + (~finite).astype(jnp.int32)
 
         closed = window_step >= self.accumulation_steps
-        valid = closed & (window_finite > 0)
         mean = window_sum / jnp.maximum(window_finite, 1).astype(jnp.float32)
+        # A sum of finite values can overflow float32 (|values| ~ 1e38): such a
+        # window is skipped like an all-non-finite one, so an overflowing,
+        # diverging loss is never a "non-improving window" answered with a boost.
+        valid = closed & (window_finite > 0) & jnp.isfinite(mean)
         improved = valid & self.is_better(mean, state.best_value)
         in_cooldown = state.cooldown_count > 0
         # A non-improving window counts towards patience only outside cooldown.

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple, Union
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_optax._validation import check_bool, check_floats
+from adaptive_optax._validation import FLOAT32_MAX, check_bool, check_floats
 
 LossMix = Mapping[str, float]
 MixStep = Union[str, int]
@@ -63,6 +64,7 @@ BALANCED_MIX: Mapping[str, float] = MappingProxyType(
 DEFAULT_INITIAL_MIX: Mapping[str, float] = MappingProxyType(
     {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
 
+_FLOAT32_TINY = float(np.finfo(np.float32).smallest_subnormal)
 _PLAN_WORDS = ("random", "final", "keep")
 _RANDOM, _FINAL, _KEEP = -1, -2, -3
 
@@ -145,8 +147,19 @@ class InterventionPolicy:
             raise ValueError(
                 "grad_norm_boosts must have len(grad_norm_thresholds) + 1 = "
                 f"{len(thresholds) + 1} entries (one per bin), got {len(boosts)}.")
-        check_floats("damping", self.damping, low=0.0, low_open=True)
-        check_floats("fixed_boosts", self.fixed_boosts, low=0.0, low_open=True)
+        damping = check_floats("damping", self.damping, low=0.0, low_open=True)
+        fixed = check_floats("fixed_boosts", self.fixed_boosts, low=0.0, low_open=True)
+        # Boosts are applied in float32: a damping that rounds to 0 or a damped
+        # boost past the float32 range would silently become 0 or inf.
+        for name, values in (("damping", damping), ("grad_norm_boosts", boosts),
+                             ("fixed_boosts", fixed)):
+            if np.min(np.asarray(values, np.float32)) <= 0:
+                raise ValueError(f"{name} must be > 0 in float32 (>= {_FLOAT32_TINY:g}), got "
+                                 f"{name} = {tuple(values)}.")
+        if max(boosts + fixed) * max(damping) > FLOAT32_MAX:
+            raise ValueError("a damped boost (max of grad_norm_boosts and fixed_boosts times "
+                             f"max(damping)) must stay below {FLOAT32_MAX:g} (float32), got "
+                             f"{max(boosts + fixed)} * {max(damping)}.")
         if isinstance(self.mixes, (str, bytes, Mapping)) or not isinstance(self.mixes, Sequence) \
                 or len(self.mixes) == 0:
             raise ValueError(f"mixes must be a non-empty sequence of dicts, got mixes = {self.mixes!r}.")
@@ -161,7 +174,7 @@ class InterventionPolicy:
                 raise ValueError(f"mix_plan must be None or a non-empty sequence, got {self.mix_plan!r}.")
             for i, step in enumerate(self.mix_plan):
                 ok = step in _PLAN_WORDS if isinstance(step, str) else (
-                    isinstance(step, int) and not isinstance(step, bool)
+                    isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_))
                     and 0 <= step < len(self.mixes))
                 if not ok:
                     raise ValueError(
@@ -171,6 +184,11 @@ class InterventionPolicy:
                 isinstance(r, (bool, np.bool_)) for r in self.reset_optimizer):
             raise ValueError("reset_optimizer must be a non-empty sequence of bools, got "
                              f"reset_optimizer = {self.reset_optimizer!r}.")
+        # Read-only copies: a caller's later edit of a dict passed in must not
+        # change (or invalidate, unchecked) a policy that was already validated.
+        object.__setattr__(self, "mixes", tuple(MappingProxyType(dict(m)) for m in self.mixes))
+        object.__setattr__(self, "initial_mix", MappingProxyType(dict(self.initial_mix)))
+        object.__setattr__(self, "final_mix", MappingProxyType(dict(self.final_mix)))
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -305,8 +323,9 @@ def _check_mix(name: str, mix, names: tuple[str, ...]) -> None:
     values = [mix[k] for k in names]
     for k, v in zip(names, values):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name}[{k!r}] must be a finite weight >= 0, got {v!r}.")
+                or not math.isfinite(v) or not 0 <= v <= FLOAT32_MAX:
+            raise ValueError(f"{name}[{k!r}] must be a finite weight in [0, {FLOAT32_MAX:g}] "
+                             f"(float32), got {v!r}.")
     if sum(values) <= 0:
         raise ValueError(f"{name} must have at least one positive weight, got {dict(mix)}.")
 

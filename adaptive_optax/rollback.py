@@ -5,10 +5,12 @@ intervention. With a guard, each intervention first snapshots the parameters,
 the learning-rate multiplier and the loss mix. For the next ``guard_windows``
 valid windows, a window mean worse than the pre-intervention best by more than
 ``rtol * |best| + atol`` triggers a rollback: the update returned on that step
-moves the parameters back to the snapshot, the multiplier and mix are restored,
-and later interventions become more conservative (boosts shrink towards 1 by
-``shrink`` per rollback and use the final, balanced mix) or stop altogether
-(``stop_after_rollback``).
+moves the parameters back to the snapshot (up to float rounding: the update is
+``snapshot - params``, added by ``optax.apply_updates``), the multiplier and
+mix are restored, and later interventions become more conservative (every
+later boost shrinks towards 1 by ``shrink`` per rollback, and the next
+intervention uses the final, balanced mix; the ones after it follow the plan
+again) or stop altogether (``stop_after_rollback``).
 
 Memory: one copy of the parameters, in their own dtype. The inner optimizer
 state is not snapshotted (that would cost Adam two more copies); it can be

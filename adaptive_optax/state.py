@@ -119,13 +119,13 @@ class PlateauEscapeState(NamedTuple):
         )
 
     def _unpacked(self) -> dict[str, jax.Array]:
-        values = {f: self.packed_floats[i] for i, f in enumerate(FLOAT_FIELDS)}
+        values = {f: self.packed_floats[..., i] for i, f in enumerate(FLOAT_FIELDS)}
         for i, f in enumerate(INT_FIELDS):
-            values[f] = self.packed_ints[i] != 0 if f in _BOOL_FIELDS else self.packed_ints[i]
+            values[f] = self.packed_ints[..., i] != 0 if f in _BOOL_FIELDS else self.packed_ints[..., i]
         start = len(INT_FIELDS)
         values["rng_key"] = jax.lax.bitcast_convert_type(
-            self.packed_ints[start:start + _KEY_WORDS], jnp.uint32)
-        values["planned_mix_index"] = self.packed_ints[start + _KEY_WORDS:]
+            self.packed_ints[..., start:start + _KEY_WORDS], jnp.uint32)
+        values["planned_mix_index"] = self.packed_ints[..., start + _KEY_WORDS:]
         values.update({f: getattr(self, f) for f in PUBLIC_FIELDS})
         return values
 
@@ -137,12 +137,12 @@ class PlateauEscapeState(NamedTuple):
     @property
     def step(self) -> jax.Array:
         """int32 []: updates made so far (drives the base schedule)."""
-        return self.packed_ints[INT_FIELDS.index("step")]
+        return self.packed_ints[..., INT_FIELDS.index("step")]
 
     @property
     def base_learning_rate(self) -> jax.Array:
         """float32 []: the base schedule at the latest step."""
-        return self.packed_floats[FLOAT_FIELDS.index("base_learning_rate")]
+        return self.packed_floats[..., FLOAT_FIELDS.index("base_learning_rate")]
 
     @property
     def learning_rate(self) -> jax.Array:

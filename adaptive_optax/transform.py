@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adaptive_optax._validation import check_bool, check_float, check_int
@@ -93,7 +94,10 @@ def plateau_escape(
         rollback: Optional :class:`RollbackGuard`; costs one parameter copy.
         skip_nonfinite_updates: On non-finite gradients, return zero updates,
             keep the inner optimizer state, skip the step's monitored value,
-            and count the step in ``nonfinite_grad_count``.
+            and count the step in ``nonfinite_grad_count``. The test is on
+            the global norm (one reduction, already computed for the EMA), so
+            finite gradients whose norm overflows float32 (entries ~1e19)
+            count as non-finite too: by then the step is diverging anyway.
         **optimizer_kwargs: Forwarded to ``optimizer`` (e.g. ``b1=0.95``).
 
     Returns:
@@ -117,9 +121,13 @@ def plateau_escape(
                                cooldown=cooldown, mode=mode, rtol=rtol, atol=atol)
     # The per-intervention plan is an array of this length in the state.
     max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
-    seed = check_int("seed", seed, 0, maximum=2**63 - 1)  # any seed jax.random.PRNGKey takes
+    seed = check_int("seed", seed, 0, maximum=2**63 - 1)  # what numpy and the data loaders take
     grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
                                   high_open=True)
+    if np.float32(grad_norm_decay) == 1.0:  # the EMA is float32: it would never move
+        raise ValueError("grad_norm_decay must be in [0, 1) after rounding to float32 "
+                         f"(at most {float(np.nextafter(np.float32(1), np.float32(0)))}), got "
+                         f"grad_norm_decay = {grad_norm_decay!r}.")
     boost_warmup_steps = check_int("boost_warmup_steps", boost_warmup_steps, minimum=0)
     if boost_decay_steps is not None:
         boost_decay_steps = check_int("boost_decay_steps", boost_decay_steps, minimum=1)
@@ -147,9 +155,17 @@ def plateau_escape(
         base = jnp.asarray(schedule(jnp.zeros([], jnp.int32)), jnp.float32)
         inner_state = inner.init(params)
         inner_state = with_learning_rate(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
-        key = jax.random.PRNGKey(seed)
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
+        # The key and the plan depend on the seed and the policy only: computed
+        # op by op even inside jax.jit(init), they enter its program as
+        # constants (staged, the unrolled draws took ~20 s to compile at 100
+        # interventions).
+        with jax.ensure_compile_time_eval():
+            key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+            if seed >> 32:  # without x64, PRNGKey would drop the high word of the seed
+                key = jax.random.fold_in(key, seed >> 32)
+            if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+                key = jax.random.key_data(key)
+            planned_mix_index = policy.plan_mixes(key, max_interventions)
         intervention = InterventionState(
             intervention_count=jnp.zeros([], jnp.int32),
             lr_multiplier=jnp.ones([], jnp.float32),
@@ -157,7 +173,7 @@ def plateau_escape(
             boost_to=jnp.ones([], jnp.float32),
             boost_step=jnp.full([], -1, jnp.int32),
             mix_index=jnp.asarray(policy.initial_index, jnp.int32),
-            planned_mix_index=policy.plan_mixes(key, max_interventions),
+            planned_mix_index=planned_mix_index,
             rng_key=key,
             conservatism=jnp.ones([], jnp.float32),
             force_final_mix=jnp.zeros([], jnp.bool_),

@@ -18,8 +18,11 @@ def test_as_schedule_makes_a_float32_constant_and_keeps_schedules():
     assert schedule(jnp.int32(7)).dtype == jnp.float32 and float(schedule(7)) == 0.25
     cosine = optax.cosine_decay_schedule(1.0, 10)
     assert as_schedule(cosine) is cosine
-    for bad in (0.0, -1.0, True, "0.1", float("nan")):
+    for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="learning_rate"):
+            as_schedule(bad)
+    for bad in (True, "0.1"):
+        with pytest.raises(TypeError, match="learning_rate"):
             as_schedule(bad)
 
 

@@ -120,6 +120,18 @@ def test_all_nan_windows_never_declare_a_plateau():
     assert int(state.nonfinite_count) == 25
 
 
+@pytest.mark.parametrize("values", [[3e38, 3e38], [1.0, 1.0, 3e38, 3e38], [-3e38, -3e38]])
+def test_a_window_whose_finite_values_overflow_is_invalid(values):
+    # The sum overflows to inf although every value is finite: no plateau, no best.
+    det = PlateauDetector(accumulation_steps=2, patience=0)
+    state, events = run(det, values)
+    assert plateau_steps(events) == []
+    assert not events[-1].valid
+    assert int(state.nonfinite_count) == 0
+    first_best = np.inf if len(values) == 2 else 1.0
+    chex.assert_trees_all_close(state.best_value, np.float32(first_best))
+
+
 def test_invalid_windows_do_not_consume_cooldown():
     det = PlateauDetector(patience=0, cooldown=1)
     state, _ = run(det, [1.0, 1.0, np.nan, np.nan])

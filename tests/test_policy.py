@@ -168,3 +168,29 @@ def test_module_mixes_are_read_only():
         SEED_MIXES[0]["dice"] = 0.99
     with pytest.raises(TypeError):
         DEFAULT_INITIAL_MIX["dice"] = 0.99
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(damping=(1e-50,)), r"damping must be > 0 in float32"),
+    (dict(grad_norm_boosts=(3e38, 10.0, 5.0, 3.0), damping=(2.0,)), r"a damped boost"),
+    (dict(initial_mix={"dice": 1e39, "focal": 0.3, "variance": 0.1, "bce": 0.2}),
+     r"initial_mix\['dice'\] must be a finite weight in \[0, 3.40282e\+38\]"),
+])
+def test_values_that_would_overflow_or_vanish_in_float32_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InterventionPolicy(**kwargs)
+
+
+def test_mix_plan_takes_numpy_integers():
+    policy = InterventionPolicy(mix_plan=(np.int64(1), "final"))
+    key = jax.random.key_data(jax.random.PRNGKey(0))
+    assert policy.plan_mixes(key, 2).tolist() == [1, policy.final_index]
+
+
+def test_a_policy_keeps_its_own_copy_of_the_mixes():
+    initial = {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2}
+    table = [dict(m) for m in SEED_MIXES]
+    policy = InterventionPolicy(initial_mix=initial, mixes=table)
+    initial["dice"], table[0]["extra"] = float("nan"), 1.0  # edits after validation
+    assert policy.initial_mix["dice"] == 0.4
+    assert np.isfinite(policy.all_mixes).all() and policy.all_mixes.shape == (7, 4)

@@ -61,6 +61,29 @@ def test_after_rollback_next_intervention_is_more_conservative():
     assert h[3]["mix"] == policy.final_index
 
 
+def test_after_the_forced_final_mix_later_interventions_follow_the_plan_again():
+    # The documented choice: a rollback forces the final mix once, not for the rest of the run.
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, max_interventions=6, seed=3,
+                           rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
+    h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0])
+    assert [r["count"] for r in h] == [0, 1, 1, 2, 3, 4, 5]
+    plan = np.asarray(ao.state_field(h[0]["state"], "planned_mix_index"))
+    final = ao.adaptive_policy().final_index
+    assert h[3]["mix"] == final  # the intervention right after the rollback
+    assert [r["mix"] for r in h[4:]] == plan[2:5].tolist()  # then the plan's entries
+    assert final not in plan[2:5]  # (so the check above can tell the two apart)
+    # Every later boost is still shrunk: 1 + (10 * 0.5 - 1) * 0.5 = 3 at intervention 3.
+    assert h[4]["lr"] == pytest.approx(BASE * 3.0, rel=1e-5)
+
+
+def test_rollback_returns_the_parameters_to_the_snapshot_up_to_rounding():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0,
+                           rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))
+    h = run(tx, [1.0, 1.0, 1.5])
+    for after, snapshot in zip(jax.tree.leaves(h[2]["after"]), jax.tree.leaves(h[1]["before"])):
+        np.testing.assert_array_max_ulp(np.asarray(after), np.asarray(snapshot), maxulp=2)
+
+
 def test_no_rollback_when_the_intervention_helps():
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=3))
     h = run(tx, [1.0, 1.0, 0.9, 0.8, 0.7])

@@ -124,6 +124,25 @@ def test_state_field_reads_packed_fields_through_a_chain():
     assert ao.find_state(state).plateau.window_step.dtype == jnp.int32
 
 
+def test_fields_of_a_vmapped_state_are_read_per_run():
+    # The packed vectors' last axis holds the fields; a leading axis is a batch of runs.
+    tx = ao.plateau_escape(optax.adam, 1e-3, accumulation_steps=2)
+    init, update = jax.vmap(tx.init), jax.vmap(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    params = jax.tree.map(lambda x: jnp.stack([x] * 3), PARAMS)
+    grads = jax.tree.map(lambda x: jnp.stack([x] * 3), GRADS)
+    state = init(params)
+    for step in range(4):
+        _, state = update(grads, state, params, jnp.array([1.0, 2.0, 3.0]) / (step + 1))
+    fields = ao.find_state(state).fields()
+    np.testing.assert_array_equal(fields["windows_completed"], [2, 2, 2])
+    np.testing.assert_array_equal(fields["step"], [4, 4, 4])
+    np.testing.assert_allclose(fields["window_value"], np.array([1.0, 2.0, 3.0]) * 7 / 24)
+    assert fields["rng_key"].shape == (3, 2) and fields["planned_mix_index"].shape == (3, 3)
+    one_run = jax.tree.map(lambda x: x[1], state)
+    for name, value in ao.find_state(one_run).fields().items():
+        chex.assert_trees_all_equal(jax.tree.map(lambda x: x[1], fields[name]), value)
+
+
 def test_state_field_and_find_state_errors_name_the_problem():
     state = ao.plateau_escape(optax.adam, 1e-3).init(PARAMS)
     with pytest.raises(KeyError, match="'window_vale' is not a field.*window_value"):

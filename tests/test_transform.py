@@ -177,6 +177,28 @@ def test_same_seed_same_mixes_different_seed_differs():
     assert any(mixes(s) != mixes(1) for s in range(2, 8))
 
 
+def test_jitted_init_holds_the_plan_as_a_constant_whatever_the_cap():
+    # Staged, the per-intervention draws made jit(init) take ~20 s to compile at 100.
+    params = {"w": jnp.ones(2)}
+    sizes = {}
+    for cap in (3, 300):
+        tx = ao.plateau_escape(optax.adam, BASE, max_interventions=cap, seed=5)
+        sizes[cap] = len(jax.make_jaxpr(tx.init)(params).eqns)
+        jitted = ao.state_field(jax.jit(tx.init)(params), "planned_mix_index")
+        np.testing.assert_array_equal(jitted, ao.state_field(tx.init(params), "planned_mix_index"))
+    assert sizes[3] == sizes[300]
+
+
+def test_seeds_past_32_bits_give_their_own_keys():
+    # Without x64, jax.random.PRNGKey keeps only the low 32 bits of a seed.
+    def key(seed):
+        state = ao.plateau_escape(optax.sgd, BASE, seed=seed).init({"w": jnp.ones(2)})
+        return tuple(np.asarray(ao.state_field(state, "rng_key")).tolist())
+    keys = [key(s) for s in (0, 1, 2**32, 2**32 + 1, 2**40, 2**63 - 1)]
+    assert len(set(keys)) == len(keys)
+    assert key(7) == tuple(np.asarray(jax.random.key_data(jax.random.PRNGKey(7))).tolist())
+
+
 @pytest.mark.parametrize("name", ["learning_rate", "intervention_count", "grad_norm_ema",
                                   "best_value", "plateau_count", "loss_weights"])
 def test_fields_readable_and_unique_inside_chain(name):
@@ -341,14 +363,26 @@ def test_invalid_configuration_raises_at_construction(kwargs, exc, name):
         ao.plateau_escape(optax.adam, BASE, **kwargs)
 
 
-@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), "1e-3"])
+@pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), jnp.float32(-1.0)])
 def test_invalid_learning_rate(lr):
     with pytest.raises(ValueError, match="learning_rate"):
         ao.plateau_escape(optax.adam, lr)
 
 
+@pytest.mark.parametrize("lr", ["1e-3", None, jnp.ones(2)])
+def test_learning_rate_of_another_type(lr):
+    with pytest.raises(TypeError, match="learning_rate must be a float > 0 or an optax schedule"):
+        ao.plateau_escape(optax.adam, lr)
+
+
+@pytest.mark.parametrize("lr", [jnp.float32(1e-3), np.float32(1e-3), np.float64(1e-3)])
+def test_a_scalar_array_learning_rate_is_a_float(lr):
+    state = ao.plateau_escape(optax.adam, lr).init({"w": jnp.ones(2)})
+    assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(1e-3)
+
+
 def test_invalid_optimizer():
-    with pytest.raises(TypeError, match="factory"):
+    with pytest.raises(TypeError, match="not a built GradientTransformation"):
         ao.plateau_escape(optax.adam(1e-3), BASE)
     with pytest.raises(TypeError, match="learning_rate"):
         ao.plateau_escape(optax.scale_by_adam, BASE)
