@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from helpers import tiny_data, tiny_run
 
-from adaptive_optax import checkpoint, data, loop
+import adaptive_optax as ao
+from adaptive_optax import checkpoint, data, loop, train
 
 CONFIG = {"strategy": "adaptive", "width": 4}
 
@@ -30,6 +31,9 @@ def test_resume_continues_bit_identically(tmp_path):
     fresh = tiny_run()
     state, history, epoch = checkpoint.restore(str(tmp_path), fresh["state"], CONFIG)
     assert epoch == 1
+    assert history.steps["plateau_count"][-1] == saved["plateau_count"]
+    assert int(ao.state_field(train.opt_state_of(fresh["graphdef"], state), "plateau_count")) \
+        == saved["plateau_count"]
     fresh["state"] = state
     resumed_state, resumed = fit(fresh, tr, va, epochs=4, start_epoch=2, history=history)
     assert resumed.steps["loss"] == full.steps["loss"]

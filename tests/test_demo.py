@@ -93,6 +93,7 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         demo.main(TINY + ["--out", str(tmp_path / "empty"), "--resume"])
     assert exit_info.value.code == 2
+    assert "--resume: no checkpoint in" in capsys.readouterr().err
 
 
 @pytest.mark.multidevice

@@ -129,6 +129,9 @@ def test_replicate_shard_and_data_parallel_on_one_device():
     state = parallel.replicate({"w": jnp.ones(3), "n": jnp.zeros([], jnp.int32)}, mesh)
     assert parallel.is_replicated(state)
     parallel.assert_replicated(state)
+    # On one device everything counts as replicated: check the sharding put on it.
+    for leaf in jax.tree.leaves(state):
+        assert leaf.sharding == parallel.replicated_sharding(mesh)
     batch = parallel.shard_batch({"x": np.ones((4, 3), np.float32), "y": np.zeros(4)}, mesh)
     assert batch["x"].sharding.spec == parallel.batch_sharding(mesh).spec
 

@@ -246,9 +246,27 @@ def test_bad_histories_are_clear_errors():
         plotting.plot_learning_rate(history)
 
 
+def _drawn(fig) -> list:
+    """What every axis of ``fig`` shows: line data, marker offsets, texts, spans."""
+    out = []
+    for ax in fig.axes:
+        out.append(sorted(
+            [("line", a.get_gid(), np.asarray(a.get_xdata(), float).tolist(),
+              np.asarray(a.get_ydata(), float).tolist()) for a in ax.lines]
+            + [("points", a.get_gid(), np.asarray(a.get_offsets(), float).tolist())
+               for a in ax.collections]
+            + [("text", a.get_gid(), a.get_text()) for a in ax.texts]
+            + [("span", a.get_gid(), a.get_x(), a.get_width()) for a in ax.patches
+               if a.get_gid() is not None], key=repr))
+    return out
+
+
 def test_a_json_round_trip_plots_the_same(tmp_path):
-    history = History.from_json(synthetic_history(with_rollback=True).to_json())
+    original = synthetic_history(with_rollback=True)
+    history = History.from_json(original.to_json())
     fig = plotting.plot_run(history)
+    assert _drawn(fig) == _drawn(plotting.plot_run(original))
+    assert any(item[1] == "rollback" for ax in _drawn(fig) for item in ax)  # markers compared
     fig.savefig(tmp_path / "run.png")
     assert (tmp_path / "run.png").stat().st_size > 0
 

@@ -1,9 +1,11 @@
 """Named strategies build the transformations they say."""
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
+import adaptive_optax as ao
 from adaptive_optax import strategies
 
 
@@ -58,12 +60,38 @@ def test_reduce_on_plateau_train_step_reads_our_fields_and_its_scale():
     assert int(metrics.readings["intervention_count"]) == 0
 
 
-def test_custom_policy_is_accepted():
+def _rates_at_interventions(tx, steps=3):
+    params = {"w": jnp.ones(4)}
+    state, rates = tx.init(params), []
+    for _ in range(steps):  # a flat loss at gradient norm 0.04: boost 10 from the table
+        _, state = tx.update({"w": jnp.full(4, 0.02)}, state, params, value=jnp.float32(1.0))
+        rates.append(float(optax.tree.get(state, "learning_rate")))
+    return rates
+
+
+def test_custom_policy_is_used():
     from adaptive_optax.policy import adaptive_policy
 
-    policy = adaptive_policy(damping=(1.0, 0.5))
-    tx = strategies.make_optimizer("adaptive", 1e-3, total_steps=10, policy=policy)
-    assert tx.init({"w": jnp.ones(2)}) is not None
+    kwargs = dict(total_steps=10, patience=0, cooldown=0)
+    custom = strategies.make_optimizer("adaptive", 1e-3, policy=adaptive_policy(damping=(1.0, 0.5)),
+                                       **kwargs)
+    default = strategies.make_optimizer("adaptive", 1e-3, **kwargs)
+    # Interventions at steps 1 and 2: boosts 10 x 1, then 10 x 0.5 (the default damps by 0.7).
+    assert _rates_at_interventions(custom)[1:] == pytest.approx([1e-2, 5e-3])
+    assert _rates_at_interventions(default)[1:] == pytest.approx([1e-2, 7e-3])
+
+
+def test_sgdr_restarts_the_rate_every_quarter_of_the_run():
+    tx = strategies.make_optimizer("sgdr", 1e-2, total_steps=8)
+    params = {"w": jnp.ones(3)}
+    state, rates = tx.init(params), []
+    for _ in range(8):
+        _, state = tx.update({"w": jnp.ones(3)}, state, params, value=jnp.float32(1.0))
+        rates.append(float(ao.state_field(state, "base_learning_rate")))
+    expected = optax.sgdr_schedule([dict(init_value=1e-2, peak_value=1e-2, decay_steps=2,
+                                         warmup_steps=0, end_value=1e-4)] * 4)
+    np.testing.assert_allclose(rates, [float(expected(t)) for t in range(8)], rtol=1e-6)
+    assert rates[2] == pytest.approx(1e-2) and rates[1] < 1e-2  # decays, then restarts
 
 
 def test_reduce_on_plateau_refuses_a_maximised_score():

@@ -71,6 +71,11 @@ def test_bfloat16_compute_gives_finite_float32_logits(norm):
     # bf16 keeps ~3 significant digits; a loose bound still catches garbage.
     tolerance = 0.1 * float(jnp.abs(reference).max()) + 0.05
     np.testing.assert_allclose(logits, reference, atol=tolerance)
+    # ... and the computation really is bf16: every convolution is set to it,
+    # and the logits are not the float32 network's to the bit.
+    convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, (nnx.Conv, nnx.ConvTranspose))]
+    assert convs and all(c.dtype == jnp.bfloat16 for c in convs)
+    assert not np.array_equal(np.asarray(logits), np.asarray(reference))
 
 
 def test_bfloat16_params():
