@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import statistics
@@ -83,8 +84,11 @@ def environment() -> dict[str, Any]:
     }
 
 
-def print_header(title: str) -> dict[str, Any]:
-    """Prints the benchmark title and environment; returns the environment dict."""
+def print_header(title: str, *, timed: bool = True) -> dict[str, Any]:
+    """Prints the benchmark title and environment; returns the environment dict.
+
+    ``timed=False`` (a script that times nothing) leaves out the timing note.
+    """
     env = environment()
     print(f"# {title}")
     print(f"# command: {env['command']}")
@@ -93,7 +97,8 @@ def print_header(title: str) -> dict[str, Any]:
           f"host CPUs: {env['host_cpus']}")
     print(f"# jax {env['jax']}, optax {env['optax']}, flax {env['flax']}, "
           f"python {env['python']}")
-    print(f"# note: {NOISE_NOTE}")
+    if timed:
+        print(f"# note: {NOISE_NOTE}")
     sys.stdout.flush()
     return env
 
@@ -324,16 +329,17 @@ def interleaved_times(runners: Mapping[str, StepRunner], *, repeats: int,
                       steps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Per-step wall and CPU seconds of every runner, repeats interleaved.
 
-    The order is rotated each repeat (A B C, B C A, C A B, ...) so no variant
-    always runs right after the same neighbour (caches, frequency, other
-    tenants' bursts).
+    The order is shuffled each repeat (seeded, so runs are comparable): a
+    rotation would keep every variant behind the same neighbour, whose
+    after-effects (caches, a callback's Python thread, frequency) it would
+    then always inherit.
     """
     names = list(runners)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    order = random.Random(0)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             wall[name].append(runners[name].run(steps))
             cpu[name].append(runners[name].last_cpu)
     return wall, cpu
@@ -384,6 +390,10 @@ def hlo_counts(hlo_text: str) -> dict[str, int]:
     ``entry_ops``: instructions of the entry computation other than
     parameters, constants, tuples and bitcasts -- on CPU each is one thunk
     the runtime executes in sequence, on GPU roughly one kernel or memcpy.
+    ``executed_ops``: the same, with every ``conditional`` also counting the
+    ops of its largest branch (recursively): a conditional is one entry op
+    but runs a whole computation (the CPU skip's holds Adam's update), so
+    ``entry_ops`` alone would understate what a step runs.
     ``fusion``/``copy``/``conditional``/``custom-call``/``concatenate``/
     ``while``: entry-computation counts; ``*_all``: the same over every
     computation (fused bodies and conditional branches included).
@@ -391,7 +401,8 @@ def hlo_counts(hlo_text: str) -> dict[str, int]:
     entry = _entry_computation(hlo_text)
     entry_ops = Counter(_OP_RE.findall(entry))
     all_ops = Counter(_OP_RE.findall(hlo_text))
-    out = {"entry_ops": sum(v for k, v in entry_ops.items() if k not in _SKIP)}
+    out = {"entry_ops": sum(v for k, v in entry_ops.items() if k not in _SKIP),
+           "executed_ops": _executed_ops(entry, _computations(hlo_text))}
     for op in ("fusion", "copy", "conditional", "custom-call", "concatenate", "while",
                "convolution", "reduce"):
         out[op] = entry_ops.get(op, 0)
@@ -399,6 +410,41 @@ def hlo_counts(hlo_text: str) -> dict[str, int]:
         out[f"{op}_all"] = all_ops.get(op, 0)
     out["f64_values"] = len(re.findall(r"\bf64\[", hlo_text))
     return out
+
+
+_COMPUTATION_RE = re.compile(r"^%?([\w.\-]+) \(.*\{$")
+_BRANCHES_RE = re.compile(
+    r"(?:branch_computations=\{([^}]*)\}|true_computation=%?([\w.\-]+), "
+    r"false_computation=%?([\w.\-]+))")
+
+
+def _computations(hlo_text: str) -> dict[str, str]:
+    """Name -> body of every computation of an HLO module."""
+    out, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        match = _COMPUTATION_RE.match(line)
+        if match and not line.startswith(" "):
+            name, lines = match.group(1), []
+        elif line.startswith("}") and name is not None:
+            out[name], name = "\n".join(lines), None
+        elif name is not None:
+            lines.append(line)
+    return out
+
+
+def _executed_ops(body: str, computations: dict[str, str]) -> int:
+    ops = sum(1 for op in _OP_RE.findall(body) if op not in _SKIP)
+    for line in body.splitlines():
+        if " conditional(" not in line:
+            continue
+        match = _BRANCHES_RE.search(line)
+        if match is None:
+            continue
+        names = (match.group(1).split(",") if match.group(1) is not None
+                 else [match.group(2), match.group(3)])
+        branches = [computations.get(n.strip().lstrip("%"), "") for n in names]
+        ops += max(_executed_ops(b, computations) for b in branches)
+    return ops
 
 
 def _entry_computation(hlo_text: str) -> str:

@@ -163,7 +163,7 @@ def count_variant(model_name: str, variant: str, place, dump_root: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    env = C.print_header("plateau_escape update: kernels per step on a GPU target")
+    env = C.print_header("plateau_escape update: kernels per step on a GPU target", timed=False)
     place = abstract_inputs(args.target)
     target = "NVIDIA H100 80GB HBM3 (deviceless compile)" if args.target == "h100" else \
         f"local {jax.devices()[0].platform}"

@@ -207,7 +207,7 @@ def section(title: str, model: nnx.Module, x, y, names, args, dump_dir: str | No
                        if base_bytes and f["bytes_accessed"] else "n/a")
         rows.append([name, s["min_s"] * 1e3, s["median_s"] * 1e3, s["ratio_min"],
                      s["ratio_median"], s["cpu_ratio_median"],
-                     f["entry_ops"] - facts["adam"]["entry_ops"],
+                     f["executed_ops"] - facts["adam"]["executed_ops"],
                      f["fusion"], f["copy"], f"{f['copied_x_params']:.2f}", f["concatenate_all"],
                      f["conditional"], f["custom-call"], f["f64_values"], extra_bytes])
     C.print_table(
@@ -225,8 +225,8 @@ def explain(result: dict) -> list[str]:
     """An explanation of one section's ratios from its measured HLO facts."""
     s, f = result["stats"], result["hlo"]
     per_op_us = None
-    # Fixed cost per extra entry op, estimated from the plateau/library variants.
-    extra_ops = f["plateau"]["entry_ops"] - f["adam"]["entry_ops"] if "plateau" in f else 0
+    # Fixed cost per extra executed op, estimated from the plateau/library variants.
+    extra_ops = f["plateau"]["executed_ops"] - f["adam"]["executed_ops"] if "plateau" in f else 0
     if extra_ops > 0:
         per_op_us = (s["plateau"]["cpu_median_s"] - s["adam"]["cpu_median_s"]) / extra_ops * 1e6
     lines = []
@@ -237,9 +237,9 @@ def explain(result: dict) -> list[str]:
 
     lines.append(
         f"library {ratio('library')} vs clip {ratio('clip')}: both add one reduction over the "
-        f"gradients; the library adds {f['library']['entry_ops'] - f['adam']['entry_ops']} entry "
-        f"ops (clip {f['clip']['entry_ops'] - f['adam']['entry_ops']}), no copy of the gradients, "
-        f"no concatenate, no conditional, no host round trip.")
+        f"gradients; the library adds {f['library']['executed_ops'] - f['adam']['executed_ops']} "
+        f"ops (clip {f['clip']['executed_ops'] - f['adam']['executed_ops']}), no copy of the "
+        f"gradients, no concatenate, no conditional, no host round trip.")
     if "ravel" in f:
         lines.append(
             f"ravel {ratio('ravel')}: ravel_pytree lowers to {f['ravel']['concatenate_all']} "
@@ -261,8 +261,8 @@ def explain(result: dict) -> list[str]:
     if "per-leaf" in s:
         lines.append(
             f"per-leaf {ratio('per-leaf')}: one norm per leaf, a stack and a second norm: "
-            f"{f['per-leaf']['entry_ops'] - f['adam']['entry_ops']} extra entry ops (library "
-            f"{f['library']['entry_ops'] - f['adam']['entry_ops']}); XLA fuses the per-leaf "
+            f"{f['per-leaf']['executed_ops'] - f['adam']['executed_ops']} extra ops (library "
+            f"{f['library']['executed_ops'] - f['adam']['executed_ops']}); XLA fuses the per-leaf "
             f"reductions much like the tree norm, so the extra sqrt/stack are cheap here.")
     if "float64" in s:
         lines.append(
@@ -280,7 +280,7 @@ def explain(result: dict) -> list[str]:
     if "plateau" in s:
         lines.append(
             f"plateau (whole plateau_escape) {ratio('plateau')}: "
-            f"{f['plateau']['entry_ops'] - f['adam']['entry_ops']} extra entry ops, "
+            f"{f['plateau']['executed_ops'] - f['adam']['executed_ops']} extra ops, "
             f"{f['plateau']['copy']} copies moving {f['plateau']['copied_x_params']:.2f} "
             f"parameter-equivalents (adam {f['adam']['copied_x_params']:.2f})"
             + (f"; if all of its extra CPU time were per-op cost, about {per_op_us:.2f} us "
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         "- In short: a global norm costs one extra read of the gradients, fused into a few "
         "reductions (clip and the library). Naive versions add a concatenated copy of all "
         "gradients (ravel), a host round trip per step (float(), debug.callback), many extra "
-        "small ops (per-leaf, and any long chain of scalar updates: each entry op is a CPU "
+        "small ops (per-leaf, and any long chain of scalar updates: each op is a CPU "
         "thunk or a GPU kernel launch with a fixed cost, so on a millisecond step dozens of "
         "them are measurable), double-precision work (float64) or a conditional around the "
         "whole update tree (cond). The ratios above say which of these bite on this device.")

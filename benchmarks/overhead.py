@@ -105,7 +105,8 @@ def build_runners(model: nnx.Module, x, y, names, *, hlo: bool = True):
         if hlo:
             text = C.compiled_text(step, params, opt_state, x, y)
             counts = C.hlo_counts(text)
-            info.update(entry_ops=counts["entry_ops"], copies=counts["copy"],
+            info.update(entry_ops=counts["entry_ops"], executed_ops=counts["executed_ops"],
+                        copies=counts["copy"],
                         # elements moved by XLA-inserted copies, in parameter counts
                         copy_x_params=C.copied_elements(text) / num_params)
         runner = C.StepRunner(step, params, opt_state, (x, y))
@@ -138,7 +139,7 @@ def model_section(title: str, model: nnx.Module, x, y, args, names) -> dict:
         extra = f["state_bytes"] - base_bytes
         rows.append([f"({name})", DESCRIPTIONS[name], s["min_s"] * 1e3, s["median_s"] * 1e3,
                      s["ratio_min"], s["ratio_median"], s["cpu_ratio_median"], f["state_bytes"],
-                     extra, f"{extra / p['bytes']:.3f}", f["state_leaves"], f["entry_ops"],
+                     extra, f"{extra / p['bytes']:.3f}", f["state_leaves"], f["executed_ops"],
                      f["copies"], f"{f['copy_x_params']:.2f}"])
     C.print_table(
         f"{title}: {p['count']} params ({p['bytes']} B), x {tuple(x.shape)}, "
@@ -173,16 +174,19 @@ def update_only_table(title: str, model: nnx.Module, names, step_stats: dict, ar
     steps = C.calibrate_steps(runners["a"], args.block_seconds / 2, max_steps=2000)
     wall, cpu = C.interleaved_times(runners, repeats=args.repeats, steps=steps)
     stats = C.ratio_stats(wall, "a", cpu)
-    full_a = step_stats["a"]["median_s"]
+    # Wall delta over the wall step, CPU delta over the CPU step: process CPU
+    # time counts every XLA thread, so the two clocks must not be mixed.
+    full_a, full_a_cpu = step_stats["a"]["median_s"], step_stats["a"]["cpu_median_s"]
     rows = []
     for name in names:
         s = stats[name]
         delta = s["median_s"] - stats["a"]["median_s"]
         delta_cpu = s["cpu_median_s"] - stats["a"]["cpu_median_s"]
         rows.append([f"({name})", s["min_s"] * 1e6, s["median_s"] * 1e6, delta * 1e6,
-                     delta_cpu * 1e6, 1.0 + delta / full_a, 1.0 + delta_cpu / full_a])
+                     delta_cpu * 1e6, 1.0 + delta / full_a, 1.0 + delta_cpu / full_a_cpu])
         s["delta_us"], s["delta_cpu_us"] = delta * 1e6, delta_cpu * 1e6
         s["predicted_step_ratio"] = 1.0 + delta / full_a
+        s["predicted_step_ratio_cpu"] = 1.0 + delta_cpu / full_a_cpu
     C.print_table(
         f"{title}: optimizer only (update + apply_updates), {args.repeats} repeats x {steps} "
         f"steps; predicted ratio = 1 + delta / full step of (a)",
@@ -310,6 +314,7 @@ def compile_and_transfer_check(steps: int, width: int, size: int, batch: int, *,
         transfers = r["transfers"] if r["transfers"] is not None else ">=1"
         print(f"{label}: compiles: {r['compiles']}, transfers: {transfers}, "
               f"interventions: {r['interventions']}")
+    jax.monitoring.unregister_event_duration_listener(listener)
     print(f"(section: {time.perf_counter() - started:.1f} s)")
     return results
 

@@ -60,21 +60,27 @@ from adaptive_optax.unet import UNet  # noqa: E402
 DATA_SETS = ("shapes", "nuclei")
 
 
-def detected_plateaus(steps: dict, patience: int) -> int:
+def detected_plateaus(steps: dict, patience: int, cooldown: int) -> int:
     """Plateaus the detector declared, read back from the per-step state.
 
     A plateau resets ``plateau_count`` from ``patience`` to 0 on a window
     close without a new ``best_value`` (an improvement also resets it, but
-    moves the best).
+    moves the best). The ``cooldown`` windows after a plateau are replayed
+    and skipped: with ``patience=0`` a non-improving cooldown window also
+    leaves the count at 0 and the best unchanged, and is no plateau. (The
+    replay counts every closed window; the benchmark's losses are finite.)
     """
-    count = 0
+    count, cooling = 0, 0
     closed = np.asarray(steps["windows_completed"])
     pc = np.asarray(steps["plateau_count"])
     best = np.asarray(steps["best_value"])
     for i in range(1, len(closed)):
-        if closed[i] > closed[i - 1] and pc[i - 1] == patience and pc[i] == 0 \
-                and best[i] == best[i - 1]:
-            count += 1
+        if closed[i] == closed[i - 1]:
+            continue
+        if cooling > 0:
+            cooling -= 1
+        elif pc[i - 1] == patience and pc[i] == 0 and best[i] == best[i - 1]:
+            count, cooling = count + 1, cooldown
     return count
 
 
@@ -124,7 +130,8 @@ def run_one(strategy: str, seed: int, train, val, cfg: argparse.Namespace) -> di
         strategy=strategy, seed=seed, seconds=seconds, steps=int(len(monitor)),
         final_dice=float(dice[-1]), best_dice=float(max(dice)),
         interventions=len(steps), rollbacks=rollbacks,
-        plateaus=detected_plateaus(history.steps, cfg.patience),
+        plateaus=detected_plateaus(history.steps, cfg.patience, cfg.cooldown),
+        steps_per_epoch=per_epoch,
         max_jump=largest_jump(monitor, steps, per_epoch),
         final_monitor=float(np.mean(monitor[-per_epoch:])),
         intervention_steps=steps,
@@ -159,7 +166,8 @@ def summarise(data_name: str, runs: list[dict], cfg) -> list[list]:
             f"{statistics.mean(r['seconds'] for r in rs):.1f}",
         ])
     C.print_table(
-        f"{data_name}: {cfg.epochs} epochs x {cfg.steps_per_epoch} steps, batch {cfg.batch_size}, "
+        f"{data_name}: {cfg.epochs} epochs x {runs[0]['steps_per_epoch']} steps, "
+        f"batch {cfg.batch_size}, "
         f"lr {cfg.lr:g}, U-Net depth {cfg.depth} width {cfg.width}, {cfg.size}x{cfg.size}",
         ["strategy", "seeds", "final dice", "best dice", "interv.", "rollb.", "plateaus",
          "jump mean", "jump max", "final monitor", "s/run"], rows)
@@ -184,7 +192,7 @@ def plot(path: str, runs_by_data: dict, cfg) -> None:
             continue
         r = match[0]
         m = np.asarray(r["monitor"])
-        w = min(cfg.steps_per_epoch, len(m))
+        w = min(r["steps_per_epoch"], len(m))
         n = len(m) // w
         window_means = m[:n * w].reshape(n, w).mean(axis=1)
         ax.plot(np.arange(len(m)), m, color=colors[strategy], alpha=0.25, lw=0.8)
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
-    env = C.print_header("training strategies: same model, data and step budget")
+    env = C.print_header("training strategies: same model, data and step budget", timed=False)
     print(f"# settings: {', '.join(f'{k}={v}' for k, v in sorted(vars(cfg).items()))}")
     started = time.perf_counter()
     results: dict = {"environment": env, "args": vars(cfg), "data": {}}

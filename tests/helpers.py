@@ -1,5 +1,8 @@
 """Small shared builders for the training-side tests (tiny sizes: CPU, 2 cores)."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -8,15 +11,25 @@ from flax import nnx
 from adaptive_optax import data, strategies, train
 from adaptive_optax.unet import UNet
 
+# One HLO op counter for the benchmarks and the tests' size guards.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+from _common import hlo_counts  # noqa: E402, F401
 
-def compiled_update_entry(tx, params, grads) -> str:
-    """The ENTRY computation of the optimized HLO of a donated ``update + apply_updates``."""
+
+def compiled_update_text(tx, params, grads) -> str:
+    """The optimized HLO module of a donated ``update + apply_updates``."""
     def update(params, state, grads):
         updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
         return optax.apply_updates(params, updates), state
 
-    text = jax.jit(update, donate_argnums=(0, 1)).lower(
+    return jax.jit(update, donate_argnums=(0, 1)).lower(
         params, tx.init(params), grads).compile().as_text()
+
+
+def compiled_update_entry(tx, params, grads) -> str:
+    """The ENTRY computation of :func:`compiled_update_text`."""
+    text = compiled_update_text(tx, params, grads)
     entry = text[text.index("\nENTRY"):]
     return entry[:entry.index("\n}\n")]
 

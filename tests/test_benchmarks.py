@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,3 +134,19 @@ def test_gpu_kernels_quick(tmp_path):
     assert 0 < result["a"]["entry_ops"] < result["c"]["entry_ops"]
     # The non-finite skip is a conditional on CPU only.
     assert result["c"]["conditionals"] == (1 if on_cpu else 0)
+
+
+def test_hlo_counts_include_what_a_conditional_runs():
+    # A conditional is one entry op but runs a whole branch: executed_ops counts it.
+    from helpers import hlo_counts
+
+    def f(pred, x):
+        return jax.lax.cond(pred, lambda x: jnp.sin(x) * jnp.cos(x) + jnp.exp(x),
+                            lambda x: x, x)
+
+    text = jax.jit(f).lower(True, jnp.ones(8)).compile().as_text()
+    counts = hlo_counts(text)
+    if counts["conditional"]:  # XLA kept the conditional (it does on CPU)
+        assert counts["executed_ops"] > counts["entry_ops"]
+    else:
+        assert counts["executed_ops"] == counts["entry_ops"]
