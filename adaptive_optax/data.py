@@ -640,7 +640,8 @@ def load_dataset(
             if not str(err).startswith("crop_size"):
                 raise
             # The caller passed `size`: name it, not nuclei_dataset's crop_size.
-            raise type(err)(f"size = {size!r} is not a valid crop size for 'nuclei': {err}") from None
+            raise type(err)(
+                f"size = {size!r} is not a valid crop size for 'nuclei': {err}") from None
     if name == "shapes":
         train = synthetic_shapes(
             512 if num_train is None else num_train,

@@ -39,7 +39,9 @@ def as_schedule(learning_rate: float | optax.Schedule) -> optax.Schedule:
     """
     if callable(learning_rate):
         return learning_rate
-    if (getattr(learning_rate, "shape", None) == () and not isinstance(learning_rate, jax.core.Tracer)
+    # A concrete real scalar array (jnp.float32(1e-3)) counts as a float, as in optax.
+    if (getattr(learning_rate, "shape", None) == ()
+            and not isinstance(learning_rate, jax.core.Tracer)
             and np.issubdtype(np.asarray(learning_rate).dtype, np.floating)):
         learning_rate = float(np.asarray(learning_rate))
     if isinstance(learning_rate, bool) or not isinstance(learning_rate, numbers.Real):

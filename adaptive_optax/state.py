@@ -121,7 +121,8 @@ class PlateauEscapeState(NamedTuple):
     def _unpacked(self) -> dict[str, jax.Array]:
         values = {f: self.packed_floats[..., i] for i, f in enumerate(FLOAT_FIELDS)}
         for i, f in enumerate(INT_FIELDS):
-            values[f] = self.packed_ints[..., i] != 0 if f in _BOOL_FIELDS else self.packed_ints[..., i]
+            value = self.packed_ints[..., i]
+            values[f] = value != 0 if f in _BOOL_FIELDS else value
         start = len(INT_FIELDS)
         values["rng_key"] = jax.lax.bitcast_convert_type(
             self.packed_ints[..., start:start + _KEY_WORDS], jnp.uint32)
