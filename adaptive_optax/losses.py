@@ -453,6 +453,37 @@ def variance_loss(
     return jnp.sum(variances) / jnp.maximum(num_instances, 1.0)
 
 
+def check_loss_names(names: Sequence[str], argument: str = "names") -> tuple[str, ...]:
+    """Returns ``names`` as a tuple after checking each is in :data:`LOSS_NAMES`.
+
+    Args:
+        names: Loss component names.
+        argument: The caller's argument name, for the error message.
+
+    Raises:
+        ValueError: If ``names`` is a bare string (it would be iterated as
+            single letters) or holds names not in :data:`LOSS_NAMES` (all
+            unknown names are listed).
+
+    Example:
+        >>> check_loss_names(["dice", "bce"])
+        ('dice', 'bce')
+    """
+    if isinstance(names, str):
+        raise ValueError(
+            f"{argument} must be a sequence of loss names, got the string "
+            f"{names!r}; did you mean ({names!r},)?"
+        )
+    names = tuple(names)
+    unknown = sorted({n for n in names if n not in LOSS_NAMES})
+    if unknown:
+        raise ValueError(
+            f"Unknown loss component name(s) {unknown} in {argument}; expected names "
+            f"from {list(LOSS_NAMES)}."
+        )
+    return names
+
+
 def loss_components(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -488,18 +519,7 @@ def loss_components(
         >>> sorted(loss_components(logits, targets, names=("dice", "bce")))
         ['bce', 'dice']
     """
-    # A bare string would otherwise be iterated as single-letter names.
-    if isinstance(names, str):
-        raise ValueError(
-            f"names must be a sequence of loss names, got the string "
-            f"{names!r}; did you mean ({names!r},)?"
-        )
-    unknown = sorted({n for n in names if n not in LOSS_NAMES})
-    if unknown:
-        raise ValueError(
-            f"Unknown loss component name(s) {unknown}; expected names from "
-            f"{list(LOSS_NAMES)}."
-        )
+    names = check_loss_names(names)
     if "variance" in names and instance_labels is None:
         raise ValueError(
             "The 'variance' component needs instance_labels ([batch, H, W] "

@@ -33,7 +33,8 @@ from flax import nnx
 
 from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.data import SegmentationData
-from adaptive_optax.losses import LOSS_NAMES, loss_components, mixed_loss
+from adaptive_optax.grad_norm import global_norm
+from adaptive_optax.losses import LOSS_NAMES, check_loss_names, loss_components, mixed_loss
 from adaptive_optax.metrics import confusion_counts
 from adaptive_optax.state import find_state
 
@@ -146,12 +147,8 @@ def make_train_step(
     """
     if monitor not in ("reference", "loss"):
         raise ValueError(f"monitor must be 'reference' or 'loss', got monitor = {monitor!r}.")
-    if isinstance(loss_names, str):
-        raise ValueError(f"loss_names must be a sequence of names from {LOSS_NAMES}, got the "
-                         f"string {loss_names!r}; did you mean ({loss_names!r},)?")
-    names = tuple(loss_names)
-    unknown = sorted(set(names) - set(LOSS_NAMES))
-    if unknown or not names:
+    names = check_loss_names(loss_names, "loss_names")
+    if not names:
         raise ValueError(f"loss_names must be a non-empty sequence of names from {LOSS_NAMES}, "
                          f"got loss_names = {loss_names!r}.")
     if monitor == "reference" and reference_weights is None:
@@ -202,7 +199,8 @@ def _keep_finite_batch_stats(model: nnx.Module, before, grads) -> None:
     update: kept when the gradients and the new statistics are finite.
     """
     after = nnx.pure(nnx.state(model, nnx.BatchStat))
-    finite = jnp.isfinite(optax.global_norm(grads))
+    # The transformation's own norm of the same gradients: XLA computes it once.
+    finite = jnp.isfinite(global_norm(grads))
     for leaf in jax.tree.leaves(after):
         finite &= jnp.all(jnp.isfinite(leaf))
     nnx.update(model, jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))

@@ -58,7 +58,8 @@ REFERENCE = {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2}
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(loss_names="dice"), r"loss_names must be a sequence .* got the string 'dice'"),
-    (dict(loss_names=("dice", "hinge")), r"loss_names must be a non-empty sequence .*'hinge'"),
+    (dict(loss_names=("dice", "hinge")),
+     r"Unknown loss component name\(s\) \['hinge'\] in loss_names"),
     (dict(loss_names=()), r"loss_names must be a non-empty sequence"),
     (dict(reference_weights={"dice": 1.0}),
      r"reference_weights must have exactly the keys of loss_names"),
