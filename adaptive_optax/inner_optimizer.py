@@ -86,17 +86,17 @@ def inject_learning_rate(
         raise TypeError("optimizer must be an optax optimizer factory such as optax.adam, "
                         f"got {optimizer!r}.")
     try:
-        params = inspect.signature(optimizer).parameters
+        signature = inspect.signature(optimizer)
     except (TypeError, ValueError) as err:
         raise TypeError(f"optimizer must be a Python callable, got {optimizer!r}.") from err
-    if "learning_rate" not in params:
+    if "learning_rate" not in signature.parameters:
         raise TypeError(f"optimizer must take a learning_rate argument; {optimizer!r} takes "
-                        f"{list(params)}.")
+                        f"{list(signature.parameters)}.")
     if "learning_rate" in optimizer_kwargs:
         raise TypeError("pass learning_rate to plateau_escape, not among optimizer kwargs.")
     name = getattr(optimizer, "__name__", repr(optimizer))
     try:
-        inspect.signature(optimizer).bind(learning_rate=1.0, **optimizer_kwargs)
+        signature.bind(learning_rate=1.0, **optimizer_kwargs)
     except TypeError as err:
         raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} do not fit "
                         f"{name!r}: {err}.") from None
