@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -283,13 +284,20 @@ def plateau_escape(
 
         rollback_state = guard_state
         if rollback is not None:
-            restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype),
-                                   guard_state.snapshot_params, params)
+            # A branch that passes the old snapshot through lets XLA:CPU write a
+            # new one in place; a select over all parameters, with the restore
+            # reading the old snapshot, made it copy params and snapshot every
+            # step (2 parameter copies). On GPU/TPU `_either` is that select.
+            snapshot = _either(intervene,
+                               lambda: _typed_like(guard_state.snapshot_params, params),
+                               lambda typed: _typed_like(typed, guard_state.snapshot_params))
+            # On a rollback there is no intervention: this is the old snapshot.
+            restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snapshot, params)
             inner_updates = optax.tree.where(rolled_back, restore, inner_updates)
             windows_left = jnp.where(event.valid & watching, guard_state.guard_windows_left - 1,
                                      guard_state.guard_windows_left)
             rollback_state = RollbackState(
-                snapshot_params=optax.tree.where(intervene, params, guard_state.snapshot_params),
+                snapshot_params=snapshot,
                 snapshot_multiplier=jnp.where(intervene, current_multiplier,
                                               guard_state.snapshot_multiplier),
                 snapshot_mix_index=jnp.where(intervene, old.mix_index,
@@ -352,24 +360,42 @@ def update_unless_skipped(
         >>> u.tolist(), float(s)
         ([0.0, 0.0], 0.0)
     """
+    return _either(keep, update, _skipped(state))
+
+
+def _skipped(state):
+    """The fallback of :func:`update_unless_skipped`: zero updates and ``state``."""
+    def fallback(typed):
+        new_updates, new_state = typed
+        return optax.tree.zeros_like(new_updates), _typed_like(new_state, state)
+
+    return fallback
+
+
+def _either(keep: jax.Array, taken: Callable[[], Any], fallback: Callable[[Any], Any]) -> Any:
+    """``taken()`` if ``keep`` else ``fallback(typed)``: a cond on CPU, selects elsewhere.
+
+    ``typed`` is ``taken()``'s output, for ``fallback`` to type its own by
+    (its values must not be used: in the cond they are dead code). See
+    :func:`update_unless_skipped` for why the lowering depends on the backend.
+    """
     return jax.lax.platform_dependent(
         keep,
-        cpu=lambda keep: _skip_with_cond(keep, update, state),
-        default=lambda keep: _skip_with_select(keep, update, state))
+        cpu=lambda keep: _either_with_cond(keep, taken, fallback),
+        default=lambda keep: _either_with_select(keep, taken, fallback))
 
 
-def _skip_with_cond(keep, update, state):
-    def skipped():
-        new_updates, new_state = update()
-        # Typed like update()'s outputs (dtypes, and the varying axes inside
-        # shard_map, which cond checks); XLA drops the update here as dead code.
-        return (optax.tree.zeros_like(new_updates),
-                jax.tree.map(lambda new, old: jnp.where(False, new, old), new_state, state))
-
-    return jax.lax.cond(keep, update, skipped)
+def _either_with_cond(keep, taken, fallback):
+    # XLA drops the taken() inside the fallback branch as dead code.
+    return jax.lax.cond(keep, taken, lambda: fallback(taken()))
 
 
-def _skip_with_select(keep, update, state):
-    new_updates, new_state = update()
-    return (optax.tree.where(keep, new_updates, optax.tree.zeros_like(new_updates)),
-            optax.tree.where(keep, new_state, state))
+def _either_with_select(keep, taken, fallback):
+    out = taken()
+    return optax.tree.where(keep, out, fallback(out))
+
+
+def _typed_like(new, old):
+    """``old``, typed like ``new`` (dtypes, and the varying axes inside shard_map, which
+    cond checks); XLA folds the select away."""
+    return jax.tree.map(lambda n, o: jnp.where(False, n, o), new, old)

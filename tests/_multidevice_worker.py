@@ -108,11 +108,14 @@ def run(num_devices: int, how: str, train, val, policy) -> dict:
     )
 
 
-def shard_map_rule(average_value: bool) -> list[int]:
-    """Per-device intervention counts after a shard_map loop, with or without pmean(loss)."""
+def shard_map_rule(average_value: bool, guarded: bool = False) -> dict[str, list[int]]:
+    """Per-device intervention (and rollback) counts after a shard_map loop, with or
+    without pmean(loss); ``guarded`` adds a rollback guard, whose snapshot is then
+    taken under a per-device (varying) predicate."""
     mesh = parallel.data_parallel_mesh(DEVICES)
+    guard = ao.RollbackGuard(guard_windows=1, rtol=0.0) if guarded else None
     tx = ao.plateau_escape(optax.sgd, 0.02, patience=0, rtol=0.01, max_interventions=5,
-                           max_learning_rate=0.1)
+                           max_learning_rate=0.1, rollback=guard)
     # Shards 0-3 hold a learnable linear target, shards 4-7 pure noise: the
     # first half's local loss keeps improving, the second half's plateaus at
     # once, so per-shard plateau detectors disagree from the first steps.
@@ -139,7 +142,9 @@ def shard_map_rule(average_value: bool) -> list[int]:
 
     for _ in range(12):
         params, stacked = step(params, stacked, x, y)
-    return np.asarray(optax.tree.get(stacked, "intervention_count")).tolist()
+    return dict(interventions=np.asarray(optax.tree.get(stacked, "intervention_count")).tolist(),
+                rollbacks=np.asarray(ao.state_field(stacked, "rollback_count")).tolist()
+                if guarded else [])
 
 
 def error_messages() -> dict:
@@ -178,6 +183,7 @@ def main(out_path: str) -> None:
               run(DEVICES, "pinned", train, val, policy)],
         shard_map_counts_grads_only=shard_map_rule(average_value=False),
         shard_map_counts_loss_and_grads=shard_map_rule(average_value=True),
+        shard_map_guarded_grads_only=shard_map_rule(average_value=False, guarded=True),
         errors=error_messages(),
     )
     with open(out_path, "w") as f:

@@ -78,10 +78,19 @@ def test_state_stays_replicated_on_every_device(eight_device_summary):
 
 @pytest.mark.multidevice
 def test_shard_map_needs_the_loss_averaged_too(eight_device_summary):
-    grads_only = eight_device_summary["shard_map_counts_grads_only"]
-    both = eight_device_summary["shard_map_counts_loss_and_grads"]
+    grads_only = eight_device_summary["shard_map_counts_grads_only"]["interventions"]
+    both = eight_device_summary["shard_map_counts_loss_and_grads"]["interventions"]
     assert len(set(grads_only)) > 1, "per-device plateau decisions should diverge"
     assert len(set(both)) == 1 and both[0] > 0
+
+
+@pytest.mark.multidevice
+def test_rollback_guard_under_shard_map_with_per_device_decisions(eight_device_summary):
+    # The snapshot is taken under each device's own intervene flag (a varying
+    # predicate); the noise shards intervene and roll back, the learnable ones never.
+    guarded = eight_device_summary["shard_map_guarded_grads_only"]
+    assert guarded["interventions"][:4] == [0] * 4 and guarded["rollbacks"][:4] == [0] * 4
+    assert min(guarded["rollbacks"][4:]) > 0
 
 
 @pytest.mark.multidevice

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
+from helpers import compiled_update_entry
 
 BASE = 1e-2
 
@@ -129,6 +130,17 @@ def test_snapshot_costs_one_parameter_copy():
     param_bytes = nbytes(params)
     extra = nbytes(guarded) - nbytes(plain)
     assert param_bytes <= extra <= param_bytes + 64
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU lowering")
+def test_guarded_update_copies_no_parameters_on_cpu():
+    # The snapshot is replaced under a cond that passes the old one through: with
+    # a select, XLA:CPU copied params and snapshot every step (2 parameter copies).
+    params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+    tx = ao.plateau_escape(optax.adam, BASE, rollback=ao.RollbackGuard())
+    entry = compiled_update_entry(tx, params, params)
+    assert "f32[64,64]{1,0} copy(" not in entry and "f32[64]{0} copy(" not in entry
+    assert entry.count(" conditional(") == 2  # the skip and the snapshot
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -443,9 +443,10 @@ def test_skip_lowerings_agree_bit_for_bit(keep):
     grads = {"w": jnp.full(6, 0.3), "b": jnp.full(3, -0.2, jnp.bfloat16)}
     update, state = _adam_step(params, grads)
     zeros = jax.tree.map(jnp.zeros_like, update()[0])
-    from adaptive_optax.transform import _skip_with_cond, _skip_with_select
-    by_cond = jax.jit(lambda k: _skip_with_cond(k, update, state))(jnp.bool_(keep))
-    by_select = jax.jit(lambda k: _skip_with_select(k, update, state))(jnp.bool_(keep))
+    from adaptive_optax.transform import _either_with_cond, _either_with_select, _skipped
+    by_cond = jax.jit(lambda k: _either_with_cond(k, update, _skipped(state)))(jnp.bool_(keep))
+    by_select = jax.jit(lambda k: _either_with_select(k, update, _skipped(state)))(
+        jnp.bool_(keep))
     chex.assert_trees_all_equal(by_cond, by_select)
     expected = update() if keep else (zeros, state)
     chex.assert_trees_all_equal(by_cond, jax.jit(lambda: expected)())
