@@ -455,6 +455,21 @@ def _entry_computation(hlo_text: str) -> str:
     return hlo_text[start:end if end > 0 else None]
 
 
+def concatenated_elements(hlo_text: str) -> int:
+    """Elements gathered by ``concatenate`` ops, in every computation (fused ones too).
+
+    Divide by the parameter count: ``ravel_pytree`` of all gradients gives
+    1.0 (XLA:CPU writes the joined, squared gradients to a buffer before its
+    reduction); the library's norm joins only leaves of up to
+    ``SMALL_LEAF_SIZE`` elements. On GPU a concatenate fused into a reduction
+    writes nothing, but it is counted all the same.
+    """
+    n = 0
+    for m in re.finditer(r"=\s*[a-z0-9]+\[([0-9,]*)\][^=\n]*\sconcatenate\(", hlo_text):
+        n += int(np.prod([int(d) for d in m.group(1).split(",") if d]))
+    return n
+
+
 def copied_elements(hlo_text: str) -> int:
     """Elements moved by the entry computation's ``copy`` ops (one read + one write each).
 

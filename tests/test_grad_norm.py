@@ -1,5 +1,7 @@
 """Gradient-norm EMA: global norm, bias correction, non-finite skipping."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,8 @@ import optax
 import pytest
 
 import adaptive_optax as ao
-from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
+from adaptive_optax.grad_norm import (SMALL_LEAF_SIZE, global_norm, init_grad_norm,
+                                     update_grad_norm)
 
 
 def test_global_norm_matches_numpy_over_leaves():
@@ -76,3 +79,34 @@ def test_ema_is_zero_before_any_finite_norm():
 def test_agrees_with_optax_global_norm():
     tree = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(2)}
     chex.assert_trees_all_close(global_norm(tree), optax.global_norm(tree))
+
+
+def _mixed_tree(num_small: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tree = {"big": rng.normal(size=(3, SMALL_LEAF_SIZE)).astype(np.float32),  # reduced alone
+            "edge": rng.normal(size=SMALL_LEAF_SIZE).astype(np.float32),  # the largest joined
+            "scalar": np.float32(2.5), "half": rng.normal(size=7).astype(jnp.bfloat16)}
+    tree.update({f"s{i}": rng.normal(size=i % 9 + 1).astype(np.float32)
+                 for i in range(num_small)})
+    return tree
+
+
+@pytest.mark.parametrize("num_small", [0, 3, 130])
+def test_joined_small_leaves_give_the_norm_of_every_leaf(num_small):
+    tree = _mixed_tree(num_small)
+    expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                           for x in jax.tree.leaves(tree)))
+    norm = jax.jit(global_norm)(tree)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+    assert float(global_norm({})) == 0.0 and float(global_norm({"e": jnp.zeros(0)})) == 0.0
+
+
+def test_only_small_leaves_are_concatenated_64_at_a_time():
+    # 130 small leaves + "edge" + "scalar" + "half" = 133 joined leaves: 3 concatenates.
+    tree = _mixed_tree(130)
+    text = jax.jit(global_norm).lower(tree).compile().as_text()
+    small = sum(np.size(x) for x in jax.tree.leaves(tree) if np.size(x) <= SMALL_LEAF_SIZE)
+    sizes = [int(n) for n in re.findall(r"\[(\d+)\]\{0\} concatenate\(", text)]
+    assert len(sizes) == 3 and sum(sizes) == small, (sizes, small)
+    assert "copy(" not in text  # the large leaf is reduced where it lies

@@ -1,5 +1,7 @@
 """Tests of adaptive_optax.state: the packed storage of the plateau-escape state."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -163,9 +165,13 @@ def test_update_compiles_to_few_ops():
     """
     def counts(tx):
         text = compiled_update_text(tx, PARAMS, GRADS)
-        return hlo_counts(text)["executed_ops"], "concatenate(" in text
+        return hlo_counts(text)["executed_ops"], text
 
     adam, _ = counts(optax.with_extra_args_support(optax.adam(1e-3)))
-    escape, concatenates = counts(ao.plateau_escape(optax.adam, 1e-3))
+    escape, text = counts(ao.plateau_escape(optax.adam, 1e-3))
     assert escape - adam <= 40, (adam, escape)
-    assert not concatenates
+    # The packing is selects, not a concatenate (one thunk per scalar on CPU);
+    # the one concatenate joins the 5 gradient elements for the norm.
+    packed_sizes = {len(st.FLOAT_FIELDS), len(st.INT_FIELDS) + 2 + 3}
+    concatenated = [int(n) for n in re.findall(r"\[(\d+)\]\{0\} concatenate\(", text)]
+    assert concatenated == [5] and not packed_sizes & set(concatenated), concatenated
