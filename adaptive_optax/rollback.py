@@ -14,7 +14,9 @@ again) or stop altogether (``stop_after_rollback``).
 
 Memory: one copy of the parameters, in their own dtype. The inner optimizer
 state is not snapshotted (that would cost Adam two more copies); it can be
-re-initialised on rollback with ``reset_optimizer``.
+re-initialised on rollback with ``reset_optimizer``. Per step, the snapshot
+is rewritten only when the step intervenes on CPU (a ``lax.cond``), and by
+a select fused into the update loops on GPU/TPU.
 """
 
 from __future__ import annotations
