@@ -25,10 +25,10 @@ For each variant it also dumps the optimized HLO
 (``jax.jit(step).lower(...).compile().as_text()``) and counts entry-computation
 ops (each one a thunk the CPU runtime executes in sequence; roughly a kernel or
 memcpy on GPU), fusions, copies, concatenates, conditionals and custom calls,
-the elements moved by copies and written by concatenates (in parameter counts)
-and XLA's bytes-accessed estimate, and prints an explanation from those numbers. It is kept as a
-regression benchmark: a change that makes ``library`` cost more than ``clip``
-shows up here.
+the elements moved by copies and gathered by concatenates (in parameter
+counts) and XLA's bytes-accessed estimate, and prints an explanation from those
+numbers. It is kept as a regression benchmark: a change that makes ``library``
+cost more than ``clip`` shows up here.
 
 Run::
 
@@ -218,8 +218,8 @@ def section(title: str, model: nnx.Module, x, y, names, args, dump_dir: str | No
         f"{title}: {num_params} params, x {tuple(x.shape)}, {args.repeats} interleaved repeats "
         f"x {steps} steps",
         ["variant", "min ms", "median ms", "ratio min", "ratio median", "cpu ratio med",
-         "+HLO ops", "fusions", "copies", "copied/params", "concat", "concat/params", "cond", "custom-call",
-         "f64", "bytes vs adam"], rows)
+         "+HLO ops", "fusions", "copies", "copied/params", "concat", "concat/params", "cond",
+         "custom-call", "f64", "bytes vs adam"], rows)
     print(f"(section: {time.perf_counter() - started:.1f} s)")
     return {"params": num_params, "input_shape": list(x.shape), "steps_per_block": steps,
             "stats": stats, "hlo": facts}
