@@ -59,7 +59,8 @@ def test_overhead_quick(tmp_path):
                 "(e)      clip_by_global_norm(1) + adam"]:
         assert out.count(row) >= 2, row  # tiny conv net and U-Net tables
     for header in ["## tiny conv net", "## U-Net", "optimizer only", "## targets",
-                   "## model-size sweep", "## batch sweep", "## compiles and host transfers"]:
+                   "## model-size sweep", "## batch sweep", "## state-leaf cost",
+                   "## compiles and host transfers"]:
         assert header in out, header
     assert "ratio min" in out and "ratio median" in out and "extra B" in out
     # The in-graph design: one compile, no host transfer, 3 interventions.
@@ -68,6 +69,9 @@ def test_overhead_quick(tmp_path):
     stats = result["tiny"]["stats"]
     assert set(stats) == {"a", "b", "c", "d", "e"}
     assert stats["a"]["ratio_median"] == pytest.approx(1.0)
+    leaf = result["leaf_cost"]
+    assert set(leaf) == {"8 scalars", "1 vector of 8", "32 scalars", "1 vector of 32"}
+    assert all("per_leaf_us" in leaf[f"{n} scalars"] for n in (8, 32))
     facts = result["tiny"]["facts"]
     params_bytes = result["tiny"]["params"]["bytes"]
     # (c) adds O(1) scalars; (d) adds one parameter copy (plus scalars).
