@@ -46,9 +46,9 @@ def global_norm(tree) -> jax.Array:
     small kernels) are concatenated and reduced together, 64 at a time;
     larger ones are reduced one by one, as ``optax.tree.norm`` reduces every
     leaf. A reduction of a small leaf costs its launch, not its data: on a
-    GPU each is a kernel (the demo U-Net's 36 leaves: 36 reduction kernels
-    one by one, 4 with the small ones joined; XLA fuses the concatenation
-    into the reduction, nothing is copied). On CPU, joining leaves of 64k
+    GPU each is a kernel (the demo U-Net's 36 leaves, reduced one by one:
+    35 reduction kernels; with the small ones joined: 4, and XLA fuses the
+    concatenation into the reduction, nothing is copied). On CPU, joining leaves of 64k
     elements made the reduction ~3x slower, joining ones below 4k ~2x
     faster. Small leaves sharded over devices would be gathered to be
     joined; at 16 KiB a leaf that costs little. The result equals
