@@ -464,10 +464,7 @@ def concatenated_elements(hlo_text: str) -> int:
     ``SMALL_LEAF_SIZE`` elements. On GPU a concatenate fused into a reduction
     writes nothing, but it is counted all the same.
     """
-    n = 0
-    for m in re.finditer(r"=\s*[a-z0-9]+\[([0-9,]*)\][^=\n]*\sconcatenate\(", hlo_text):
-        n += int(np.prod([int(d) for d in m.group(1).split(",") if d]))
-    return n
+    return _result_elements(hlo_text, "concatenate")
 
 
 def copied_elements(hlo_text: str) -> int:
@@ -477,11 +474,14 @@ def copied_elements(hlo_text: str) -> int:
     donated buffers XLA inserts such copies when an input buffer that is
     updated in place is still read by another, unordered consumer.
     """
+    return _result_elements(_entry_computation(hlo_text), "copy")
+
+
+def _result_elements(hlo_text: str, op: str) -> int:
+    """Total elements of the (array) results of every ``op`` instruction in ``hlo_text``."""
     n = 0
-    for line in _entry_computation(hlo_text).splitlines():
-        m = re.search(r"=\s*[a-z0-9]+\[([0-9,]*)\][^=]*\scopy\(", line)
-        if m:
-            n += int(np.prod([int(d) for d in m.group(1).split(",") if d]))
+    for m in re.finditer(rf"=\s*[a-z0-9]+\[([0-9,]*)\][^=\n]*\s{op}\(", hlo_text):
+        n += int(np.prod([int(d) for d in m.group(1).split(",") if d]))
     return n
 
 
