@@ -1,6 +1,7 @@
 """Small shared builders for the training-side tests (tiny sizes: CPU, 2 cores)."""
 
 import os
+import re
 import sys
 
 import jax
@@ -32,6 +33,11 @@ def compiled_update_entry(tx, params, grads) -> str:
     text = compiled_update_text(tx, params, grads)
     entry = text[text.index("\nENTRY"):]
     return entry[:entry.index("\n}\n")]
+
+
+def concatenate_sizes(hlo_text: str) -> list[int]:
+    """Element counts of the 1-D ``concatenate`` results in an HLO module, in order."""
+    return [int(n) for n in re.findall(r"\[(\d+)\]\{0\} concatenate\(", hlo_text)]
 
 
 def tiny_data(n_train=32, n_val=8, size=32, seed=0, difficulty=0.3):

@@ -1,7 +1,5 @@
 """Gradient-norm EMA: global norm, bias correction, non-finite skipping."""
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import pytest
 import adaptive_optax as ao
 from adaptive_optax.grad_norm import (SMALL_LEAF_SIZE, global_norm, init_grad_norm,
                                      update_grad_norm)
+from helpers import concatenate_sizes
 
 
 def test_global_norm_matches_numpy_over_leaves():
@@ -107,6 +106,6 @@ def test_only_small_leaves_are_concatenated_64_at_a_time():
     tree = _mixed_tree(130)
     text = jax.jit(global_norm).lower(tree).compile().as_text()
     small = sum(np.size(x) for x in jax.tree.leaves(tree) if np.size(x) <= SMALL_LEAF_SIZE)
-    sizes = [int(n) for n in re.findall(r"\[(\d+)\]\{0\} concatenate\(", text)]
+    sizes = concatenate_sizes(text)
     assert len(sizes) == 3 and sum(sizes) == small, (sizes, small)
     assert "copy(" not in text  # the large leaf is reduced where it lies

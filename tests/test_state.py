@@ -1,7 +1,5 @@
 """Tests of adaptive_optax.state: the packed storage of the plateau-escape state."""
 
-import re
-
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ from adaptive_optax.grad_norm import GradNormState
 from adaptive_optax.plateau import PlateauState
 from adaptive_optax.policy import InterventionState
 from adaptive_optax.rollback import RollbackState
-from helpers import compiled_update_text, hlo_counts
+from helpers import compiled_update_text, concatenate_sizes, hlo_counts
 
 PARAMS = {"w": jnp.ones(4), "b": jnp.zeros([])}
 GRADS = {"w": jnp.full(4, 0.1), "b": jnp.float32(0.1)}
@@ -173,5 +171,5 @@ def test_update_compiles_to_few_ops():
     # The packing is selects, not a concatenate (one thunk per scalar on CPU);
     # the one concatenate joins the 5 gradient elements for the norm.
     packed_sizes = {len(st.FLOAT_FIELDS), len(st.INT_FIELDS) + 2 + 3}
-    concatenated = [int(n) for n in re.findall(r"\[(\d+)\]\{0\} concatenate\(", text)]
+    concatenated = concatenate_sizes(text)
     assert concatenated == [5] and not packed_sizes & set(concatenated), concatenated
