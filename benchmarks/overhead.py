@@ -25,8 +25,9 @@ What it measures (all in ONE process, repeats interleaved A B C D E, B C D E A, 
    ``plateau_escape(..., skip_nonfinite_updates=False)``: it isolates the cost
    of keeping the inner state on non-finite gradients.
 3. The host cost of one more optimizer-state leaf: a donated step over N
-   scalar leaves against the same N values in one vector (why the state's
-   scalars are packed, ``adaptive_optax/state.py``).
+   scalar leaves, or over arrays shaped like the U-Net's parameters, against
+   the same values in one vector (why the state's scalars are packed,
+   ``adaptive_optax/state.py``).
 4. Compile count and host transfers over a 200-step run with 3 interventions
    (flat monitored value, ``patience=1``): traces are counted by a Python
    counter inside the jitted function and backend compiles by a
@@ -231,47 +232,55 @@ def sweep_section(title: str, label: str, configs, make_model_and_batch: Callabl
 
 
 def leaf_cost_section(args) -> dict:
-    """Host cost of optimizer-state leaves: N donated scalar leaves vs one vector of N.
+    """Host cost of optimizer-state leaves: the same values as many leaves or as one vector.
 
     Why the plateau-escape state is packed (``adaptive_optax/state.py``): every
     leaf is a buffer a jitted step takes in, donates and hands back. A step
-    that only adds 1 to each leaf is timed with N separate float32 scalars and
-    with the same N values in one vector; "per leaf" is the difference to the
-    vector, divided by N -- the fixed cost of one more state leaf per step.
+    that only adds 1 to every value is timed with the values held as N leaves
+    (N float32 scalars; or arrays shaped like the U-Net's parameters, as the
+    rollback guard's snapshot and each of Adam's moments are) and as one
+    vector of the same size; "per extra leaf" is the difference divided by
+    N - 1: the fixed cost of one more state leaf per step.
     """
     started = time.perf_counter()
     counts = [8, 32] if args.quick else [8, 32, 128]
+    unet_cfg = dict(depth=0, base_width=4) if args.quick else dict(depth=2, base_width=8)
+    _, unet_params, _ = C.split_params(UNet(1, 1, **unet_cfg, rngs=nnx.Rngs(0)))
+    cases = {f"{n} scalars": {f"s{i:03d}": jnp.zeros([], jnp.float32) for i in range(n)}
+             for n in counts}
+    cases["U-Net parameter shapes"] = jax.tree.map(jnp.zeros_like, unet_params)
     step = jax.jit(lambda params, state, x: (params, jax.tree.map(lambda s: s + x, state)),
                    donate_argnums=(0, 1))
     params = {"w": jnp.zeros(16, jnp.float32)}
     one = (jnp.float32(1.0),)
     runners = {}
-    for n in counts:
-        runners[f"{n} scalars"] = C.StepRunner(
-            step, params, {f"s{i:03d}": jnp.zeros([], jnp.float32) for i in range(n)}, one)
-        runners[f"1 vector of {n}"] = C.StepRunner(step, params,
-                                                   {"v": jnp.zeros([n], jnp.float32)}, one)
+    for label, leaves in cases.items():
+        size = sum(x.size for x in jax.tree.leaves(leaves))
+        runners[f"{label}: leaves"] = C.StepRunner(step, params, leaves, one)
+        runners[f"{label}: vector"] = C.StepRunner(step, params,
+                                                   {"v": jnp.zeros([size], jnp.float32)}, one)
     for runner in runners.values():
         runner.warmup()
-    first = f"1 vector of {counts[0]}"
     # Calibrated on a middle variant: the largest one's blocks stay well under a second.
-    steps = C.calibrate_steps(runners[f"{counts[len(counts) // 2]} scalars"],
+    steps = C.calibrate_steps(runners[f"{counts[len(counts) // 2]} scalars: leaves"],
                               args.block_seconds / 2, max_steps=20000)
     wall, cpu = C.interleaved_times(runners, repeats=args.repeats, steps=steps)
-    stats = C.ratio_stats(wall, first, cpu)
+    stats = C.ratio_stats(wall, f"{counts[0]} scalars: vector", cpu)
     rows = []
-    for n in counts:
-        scalars, vector = stats[f"{n} scalars"], stats[f"1 vector of {n}"]
-        per_leaf = (scalars["median_s"] - vector["median_s"]) / (n - 1) * 1e6
-        per_leaf_cpu = (scalars["cpu_median_s"] - vector["cpu_median_s"]) / (n - 1) * 1e6
-        scalars["per_leaf_us"], scalars["per_leaf_cpu_us"] = per_leaf, per_leaf_cpu
-        rows.append([n, vector["median_s"] * 1e6, scalars["median_s"] * 1e6, per_leaf,
+    for label, leaves in cases.items():
+        n = len(jax.tree.leaves(leaves))
+        many, one_vector = stats[f"{label}: leaves"], stats[f"{label}: vector"]
+        per_leaf = (many["median_s"] - one_vector["median_s"]) / (n - 1) * 1e6
+        per_leaf_cpu = (many["cpu_median_s"] - one_vector["cpu_median_s"]) / (n - 1) * 1e6
+        many["per_leaf_us"], many["per_leaf_cpu_us"] = per_leaf, per_leaf_cpu
+        rows.append([label, n, sum(x.size for x in jax.tree.leaves(leaves)),
+                     one_vector["median_s"] * 1e6, many["median_s"] * 1e6, per_leaf,
                      per_leaf_cpu])
     C.print_table(
-        f"state-leaf cost: a donated step adding 1 to N float32 values, held as N scalar "
-        f"leaves or as one vector; {args.repeats} repeats x {steps} steps",
-        ["N", "1 vector us (wall med)", "N scalars us (wall med)", "per extra leaf us (wall)",
-         "per extra leaf us (cpu)"], rows)
+        f"state-leaf cost: a donated step adding 1 to every value, held as N leaves or as "
+        f"one vector; {args.repeats} repeats x {steps} steps",
+        ["values held as", "N", "values", "1 vector us (wall med)", "N leaves us (wall med)",
+         "per extra leaf us (wall)", "per extra leaf us (cpu)"], rows)
     print(f"(section: {time.perf_counter() - started:.1f} s)")
     return stats
 

@@ -70,8 +70,9 @@ def test_overhead_quick(tmp_path):
     assert set(stats) == {"a", "b", "c", "d", "e"}
     assert stats["a"]["ratio_median"] == pytest.approx(1.0)
     leaf = result["leaf_cost"]
-    assert set(leaf) == {"8 scalars", "1 vector of 8", "32 scalars", "1 vector of 32"}
-    assert all("per_leaf_us" in leaf[f"{n} scalars"] for n in (8, 32))
+    cases = ("8 scalars", "32 scalars", "U-Net parameter shapes")
+    assert set(leaf) == {f"{c}: {held}" for c in cases for held in ("leaves", "vector")}
+    assert all("per_leaf_us" in leaf[f"{c}: leaves"] for c in cases)
     facts = result["tiny"]["facts"]
     params_bytes = result["tiny"]["params"]["bytes"]
     # (c) adds O(1) scalars; (d) adds one parameter copy (plus scalars).
