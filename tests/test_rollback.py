@@ -143,6 +143,21 @@ def test_guarded_update_copies_no_parameters_on_cpu():
     assert entry.count(" conditional(") == 2  # the skip and the snapshot
 
 
+def test_guarded_update_lowers_without_a_conditional_on_gpu_and_tpu():
+    # Each platform_dependent adds constant-index cases that XLA inlines (2 per call,
+    # on every platform); on CPU each also holds a real cond (the skip, the snapshot).
+    params = {"w": jnp.ones(3)}
+    tx = ao.plateau_escape(optax.adam, BASE, rollback=ao.RollbackGuard())
+    state = tx.init(params)
+    update = jax.jit(lambda p, s, g: tx.update(g, s, p, value=jnp.float32(1.0)))
+
+    def cases(platform):
+        exported = jax.export.export(update, platforms=[platform])(params, state, params)
+        return exported.mlir_module().count("stablehlo.case")
+
+    assert cases("cuda") == cases("tpu") == cases("cpu") - 2
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(guard_windows=0), "guard_windows"), (dict(rtol=-1.0), "rtol"),
     (dict(atol=float("inf")), "atol"), (dict(shrink=1.5), "shrink"),
