@@ -15,7 +15,7 @@ from adaptive_optax.unet import UNet
 # One HLO op counter for the benchmarks and the tests' size guards.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
-from _common import hlo_counts  # noqa: E402, F401
+from _common import _entry_computation, hlo_counts  # noqa: E402, F401
 
 
 def compiled_update_text(tx, params, grads) -> str:
@@ -30,9 +30,7 @@ def compiled_update_text(tx, params, grads) -> str:
 
 def compiled_update_entry(tx, params, grads) -> str:
     """The ENTRY computation of :func:`compiled_update_text`."""
-    text = compiled_update_text(tx, params, grads)
-    entry = text[text.index("\nENTRY"):]
-    return entry[:entry.index("\n}\n")]
+    return _entry_computation(compiled_update_text(tx, params, grads))
 
 
 def concatenate_sizes(hlo_text: str) -> list[int]:
