@@ -110,6 +110,10 @@ def _finite_positive(value: float) -> bool:
     return 0.0 < value < math.inf
 
 
+def _finite_non_negative(value: float) -> bool:
+    return 0.0 <= value < math.inf
+
+
 def dice_loss(
     logits: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,
@@ -210,7 +214,7 @@ def focal_loss(
     """
     _check_hyperparameter("alpha", alpha, lambda a: 0.0 <= a <= 1.0, "in [0, 1]")
     # A negative gamma turns (1 - p_t)**gamma into inf for confident pixels.
-    _check_hyperparameter("gamma", gamma, lambda g: 0.0 <= g < math.inf, "a finite number >= 0")
+    _check_hyperparameter("gamma", gamma, _finite_non_negative, "a finite number >= 0")
     logits, targets = _prepare(logits, targets, "focal_loss")
     return jnp.mean(
         optax.losses.sigmoid_focal_loss(
@@ -299,8 +303,8 @@ def tversky_loss(
         >>> print(f"{float(tversky_loss(logits, targets)):.4f}")  # 1-1/(.7*4+1)
         0.7368
     """
-    _check_hyperparameter("alpha", alpha, lambda a: 0.0 <= a < math.inf, "a finite number >= 0")
-    _check_hyperparameter("beta", beta, lambda b: 0.0 <= b < math.inf, "a finite number >= 0")
+    _check_hyperparameter("alpha", alpha, _finite_non_negative, "a finite number >= 0")
+    _check_hyperparameter("beta", beta, _finite_non_negative, "a finite number >= 0")
     _check_hyperparameter("smooth", smooth, _finite_positive, "a finite number > 0")
     logits, targets = _prepare(logits, targets, "tversky_loss")
     # optax.losses.dice_loss *is* the Tversky index when alpha != beta (alpha
