@@ -71,8 +71,12 @@ def inject_learning_rate(
 
     Raises:
         TypeError: If ``optimizer`` is not such a factory, a keyword does not
-            fit its signature, or a keyword's value breaks it (found by
-            tracing one abstract step, below); the message names the keyword.
+            fit its signature, or a scalar keyword's value breaks it (found by
+            tracing one abstract step on a stand-in parameter, below); the
+            message names the keyword. Keywords holding a pytree or a callable
+            (``mask=`` of ``optax.adamw``) may depend on the parameters'
+            structure: they are checked the same way, against the real
+            parameters, when the returned transformation's ``init`` runs.
 
     Example:
         >>> tx = inject_learning_rate(optax.adam, {"b1": 0.95})
@@ -100,13 +104,21 @@ def inject_learning_rate(
     except TypeError as err:
         raise TypeError(f"optimizer keyword arguments {sorted(optimizer_kwargs)} do not fit "
                         f"{name!r}: {err}.") from None
-    if optimizer_kwargs and _fails(optimizer, {}) is None:
-        for key, value in optimizer_kwargs.items():
-            err = _fails(optimizer, {key: value})
-            if err is not None:
-                raise TypeError(f"optimizer keyword argument {key} = {value!r} does not work "
-                                f"with {name!r}: {type(err).__name__}: {err}") from err
-    return _build(optimizer, optimizer_kwargs)
+    scalar = {k: v for k, v in optimizer_kwargs.items() if _is_scalar(v)}
+    structured = {k: v for k, v in optimizer_kwargs.items() if k not in scalar}
+    _check_keywords(optimizer, name, scalar, _STAND_IN_PARAMS)
+    tx = _build(optimizer, optimizer_kwargs)
+    if not structured:
+        return tx
+
+    def init(params):
+        # Traced abstractly, once per init (and per trace of a reset): no compute.
+        abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
+                                params)
+        _check_keywords(optimizer, name, structured, abstract)
+        return tx.init(params)
+
+    return optax.GradientTransformationExtraArgs(init, tx.update)
 
 
 def with_learning_rate(inner_state, lr: jax.Array):
@@ -123,15 +135,38 @@ def _build(optimizer, optimizer_kwargs) -> optax.GradientTransformationExtraArgs
     return optax.inject_hyperparams(with_rate)(learning_rate=1.0)
 
 
-def _fails(optimizer, optimizer_kwargs) -> Exception | None:
-    """The error of one init + update traced on abstract values, or None.
+# What scalar keywords (b1, eps, weight_decay, ...) are checked against at construction.
+_STAND_IN_PARAMS = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+
+
+def _is_scalar(value: Any) -> bool:
+    """A keyword value that cannot depend on the parameters' structure."""
+    return value is None or isinstance(value, (numbers.Number, str)) or (
+        not callable(value) and np.ndim(value) == 0 and not isinstance(value, (dict, list, tuple)))
+
+
+def _check_keywords(optimizer, name: str, optimizer_kwargs: dict[str, Any], params) -> None:
+    """Raises a TypeError naming the first keyword whose value breaks one traced step.
+
+    A keyword is blamed only if the optimizer traces without any, so a factory
+    that needs more than ``plateau_escape`` passes (other extra args, say) is
+    not rejected.
+    """
+    if not optimizer_kwargs or _fails(optimizer, {}, params) is not None:
+        return
+    for key, value in optimizer_kwargs.items():
+        err = _fails(optimizer, {key: value}, params)
+        if err is not None:
+            raise TypeError(f"optimizer keyword argument {key} = {value!r} does not work "
+                            f"with {name!r}: {type(err).__name__}: {err}") from err
+
+
+def _fails(optimizer, optimizer_kwargs, params) -> Exception | None:
+    """The error of one init + update traced on abstract ``params``, or None.
 
     ``jax.eval_shape`` computes nothing and starts no backend (so this is safe
-    before ``jax.distributed.initialize``). The caller blames a keyword only if
-    the optimizer traces without any, so a factory that needs more than
-    ``plateau_escape`` passes here (other extra args, say) is not rejected.
+    before ``jax.distributed.initialize``).
     """
-    params = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
     value = jax.ShapeDtypeStruct((), jnp.float32)
 
     def step(params, value):

@@ -38,12 +38,36 @@ def test_only_the_learning_rate_is_injected_and_set_in_its_dtype():
     assert state.inner_state[0].mu["w"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("kwargs, name", [({"b1": "x"}, "b1"), ({"b1": 0.9, "eps": [1, 2]}, "eps"),
+@pytest.mark.parametrize("kwargs, name", [({"b1": "x"}, "b1"), ({"b1": 0.9, "eps": "tiny"}, "eps"),
                                           ({"weight_decay": None}, "weight_decay")])
 def test_a_bad_keyword_value_is_named_at_construction(kwargs, name):
     optimizer = optax.adamw if "weight_decay" in kwargs else optax.adam
     with pytest.raises(TypeError, match=f"keyword argument {name} = .* does not work with"):
         ao.plateau_escape(optimizer, 1e-3, **kwargs)
+
+
+PARAMS = {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}
+
+
+@pytest.mark.parametrize("mask", [{"kernel": True, "bias": False},
+                                  lambda p: {"kernel": True, "bias": False}])
+def test_a_mask_shaped_like_the_parameters_is_accepted(mask):
+    # The stand-in parameter of the construction-time check has another
+    # structure; a pytree or callable keyword is checked against the real ones.
+    tx = ao.plateau_escape(optax.adamw, 0.1, weight_decay=0.5, mask=mask)
+    zero = jax.tree.map(jnp.zeros_like, PARAMS)
+    updates, _ = jax.jit(lambda s: tx.update(zero, s, PARAMS, value=1.0))(tx.init(PARAMS))
+    # Zero gradients: only weight decay moves a parameter, and only the kernel is decayed.
+    chex.assert_trees_all_close(updates, {"kernel": jnp.full((3, 2), -0.05), "bias": jnp.zeros(2)})
+
+
+@pytest.mark.parametrize("kwargs, name", [({"mask": {"kernel": True}}, "mask"),
+                                          ({"b1": 0.9, "eps": [1, 2]}, "eps")])
+def test_a_structured_keyword_that_does_not_fit_is_named_at_init(kwargs, name):
+    tx = ao.plateau_escape(optax.adamw, 1e-3, **kwargs)  # the structure is unknown here
+    for init in (tx.init, jax.jit(tx.init)):
+        with pytest.raises(TypeError, match=f"keyword argument {name} = .* does not work with"):
+            init(PARAMS)
 
 
 def test_an_unknown_keyword_is_named_at_construction():
