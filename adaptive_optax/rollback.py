@@ -53,7 +53,8 @@ class RollbackGuard:
         shrink: Factor in ``[0, 1]`` on ``boost - 1`` of later interventions,
             per rollback; 0 makes them change only the loss mix.
         stop_after_rollback: Make no further interventions after a rollback.
-        reset_optimizer: Re-initialise the inner optimizer on rollback.
+        reset_optimizer: Re-initialise the inner optimizer on rollback (its
+            ``init`` gets the restored parameters).
 
     Raises:
         ValueError: If an argument is out of range; the message names it.

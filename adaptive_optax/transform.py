@@ -267,9 +267,17 @@ def plateau_escape(
         inner_in = with_learning_rate(state.optimizer_state, lr)
         if may_reset:
             reset = intervene & decision.reset
+            init_params = params
             if rollback is not None and rollback.reset_optimizer:
                 reset = reset | rolled_back
-            fresh = inner.init(params)
+                # A rollback returns the model to the snapshot; an optimizer whose
+                # state holds parameter values (schedule-free's z) must start there,
+                # or its next step moves the model back. XLA drops this select for
+                # optimizers whose init reads only shapes (Adam, SGD).
+                init_params = jax.tree.map(
+                    lambda s, p: jnp.where(rolled_back, s.astype(p.dtype), p),
+                    guard_state.snapshot_params, params)
+            fresh = inner.init(init_params)
             fresh = fresh._replace(hyperparams=inner_in.hyperparams)
             inner_in = optax.tree.where(reset, fresh, inner_in)
 

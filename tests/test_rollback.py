@@ -77,6 +77,28 @@ def test_after_the_forced_final_mix_later_interventions_follow_the_plan_again():
     assert h[4]["lr"] == pytest.approx(BASE * 3.0, rel=1e-5)
 
 
+def test_a_reset_on_rollback_starts_the_optimizer_from_the_restored_parameters():
+    # Schedule-free keeps a parameter-valued sequence z in its state: a reset
+    # built from the bad (pre-restore) parameters would pull the model back.
+    guard = ao.RollbackGuard(guard_windows=2, reset_optimizer=True)
+    tx = ao.plateau_escape(optax.contrib.schedule_free_sgd, 0.1, patience=0, rollback=guard)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    seen = []
+    for value in (1.0, 1.0, 2.0):  # step 2 intervenes, step 3 is worse: rollback
+        seen.append(params)
+        updates, state = step({"w": jnp.ones(2)}, state, params, value)
+        params = optax.apply_updates(params, updates)
+    assert int(ao.state_field(state, "rollback_count")) == 1
+    snapshot = seen[1]  # what the intervening step was given
+    assert float(jnp.abs(seen[2]["w"] - snapshot["w"]).max()) > 0.1  # the boost moved it
+    chex.assert_trees_all_close(params, snapshot, atol=1e-6)
+    chex.assert_trees_all_close(state.optimizer_state.inner_state.z, params, atol=1e-6)
+    updates, state = step({"w": jnp.zeros(2)}, state, params, 1.0)  # zero gradient
+    chex.assert_trees_all_close(optax.apply_updates(params, updates), params, atol=1e-6)
+
+
 def test_rollback_returns_the_parameters_to_the_snapshot_up_to_rounding():
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0,
                            rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))
