@@ -107,8 +107,9 @@ class InterventionPolicy:
             same keys, not all zero.
         initial_mix: The mix before any intervention.
         final_mix: The conservative mix of the last intervention.
-        mix_plan: Per intervention ``"random"``, ``"final"``, ``"keep"`` or an
-            index into ``mixes``. ``None``: random, then final for the last.
+        mix_plan: Per intervention ``"random"``, ``"final"``, ``"keep"`` (the
+            mix in use, also after a rollback changed it) or an index into
+            ``mixes``. ``None``: random, then final for the last.
         avoid_repeat: A random pick never repeats the current table mix.
         reset_optimizer: Per-intervention flags to re-initialise the inner
             optimizer state.
@@ -139,9 +140,12 @@ class InterventionPolicy:
         check_bool("avoid_repeat", self.avoid_repeat)
         thresholds = check_floats("grad_norm_thresholds", self.grad_norm_thresholds,
                                   low=0.0, low_open=True)
-        if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-            raise ValueError("grad_norm_thresholds must be strictly increasing, got "
-                             f"grad_norm_thresholds = {tuple(self.grad_norm_thresholds)}.")
+        # Compared in float32, where the norm is binned: edges equal there leave a bin empty.
+        edges = np.asarray(thresholds, np.float32)
+        if np.any(edges[1:] <= edges[:-1]):
+            raise ValueError("grad_norm_thresholds must be strictly increasing (also after "
+                             "rounding to float32), got grad_norm_thresholds = "
+                             f"{tuple(self.grad_norm_thresholds)}.")
         boosts = check_floats("grad_norm_boosts", self.grad_norm_boosts, low=0.0, low_open=True)
         if len(boosts) != len(thresholds) + 1:
             raise ValueError(
@@ -189,6 +193,11 @@ class InterventionPolicy:
         object.__setattr__(self, "mixes", tuple(MappingProxyType(dict(m)) for m in self.mixes))
         object.__setattr__(self, "initial_mix", MappingProxyType(dict(self.initial_mix)))
         object.__setattr__(self, "final_mix", MappingProxyType(dict(self.final_mix)))
+        for name in ("grad_norm_thresholds", "grad_norm_boosts", "damping", "fixed_boosts",
+                     "mix_plan", "reset_optimizer"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def loss_names(self) -> tuple[str, ...]:
@@ -263,7 +272,9 @@ class InterventionPolicy:
             key, pick_key = jax.random.split(key)
             if code == _RANDOM:
                 in_table = (current < n) & self.avoid_repeat & (n > 1)
-                r = jax.random.randint(pick_key, [], 0, n - in_table.astype(jnp.int32))
+                # dtype fixed: under JAX_ENABLE_X64 the default int64 draws other numbers.
+                r = jax.random.randint(pick_key, [], 0, n - in_table.astype(jnp.int32),
+                                       dtype=jnp.int32)
                 current = r + (in_table & (r >= current)).astype(jnp.int32)
             elif code == _FINAL:
                 current = jnp.asarray(self.final_index, jnp.int32)
@@ -289,7 +300,7 @@ class InterventionPolicy:
         Returns:
             The :class:`Decision` for intervention ``intervention_count + 1``.
         """
-        fixed, damping, _, resets = (jnp.asarray(a) for a in self.plan(max_interventions))
+        fixed, damping, codes, resets = (jnp.asarray(a) for a in self.plan(max_interventions))
         k = jnp.minimum(state.intervention_count, fixed.shape[0] - 1)
         if self.use_grad_norm:
             # The bin is the number of edges <= norm; a compare-and-sum fuses into
@@ -303,6 +314,8 @@ class InterventionPolicy:
         # A rollback shrinks later boosts towards 1 (no change), not towards 0.
         boost = 1.0 + (boost - 1.0) * state.conservatism
         planned = state.planned_mix_index[jnp.minimum(k, state.planned_mix_index.shape[0] - 1)]
+        # "keep" keeps the mix in use; the plan assumed no rollback had changed it.
+        planned = jnp.where(codes[k] == _KEEP, state.mix_index, planned)
         mix_index = jnp.where(state.force_final_mix, self.final_index, planned).astype(jnp.int32)
         return Decision(boost.astype(jnp.float32), mix_index, resets[k])
 

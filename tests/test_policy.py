@@ -1,5 +1,9 @@
 """Intervention policy: the seed's table, damping, mix picks, presets, validation."""
 
+import os
+import subprocess
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -194,3 +198,46 @@ def test_a_policy_keeps_its_own_copy_of_the_mixes():
     initial["dice"], table[0]["extra"] = float("nan"), 1.0  # edits after validation
     assert policy.initial_mix["dice"] == 0.4
     assert np.isfinite(policy.all_mixes).all() and policy.all_mixes.shape == (7, 4)
+
+
+def test_a_policy_keeps_its_own_copy_of_its_sequences():
+    damping, resets = [1.0, 0.7], [False]
+    policy = InterventionPolicy(damping=damping, reset_optimizer=resets)
+    damping[1], resets[0] = -3.0, "yes"  # edits after validation
+    assert policy.damping == (1.0, 0.7) and policy.reset_optimizer == (False,)
+    d = policy.decide(state(policy, count=1), jnp.float32(0.04), 3)
+    chex.assert_trees_all_close(d.boost, 10.0 * 0.7)
+
+
+def test_thresholds_equal_in_float32_are_refused():
+    # 0.1 and 0.1 + 1e-12 differ as floats but are one edge in float32: a bin
+    # that no norm could reach.
+    with pytest.raises(ValueError, match="grad_norm_thresholds must be strictly increasing"):
+        InterventionPolicy(grad_norm_thresholds=(0.01, 0.1, 0.1 + 1e-12),
+                           grad_norm_boosts=(15.0, 10.0, 5.0, 3.0))
+
+
+def test_keep_keeps_the_mix_in_use_not_the_planned_one():
+    # After a rollback the mix in use is no longer the plan's (here: final
+    # instead of mixes[0]); "keep" must keep what is in use.
+    p = adaptive_policy(mix_plan=(0, "keep", "keep"))
+    s = state(p, count=2, mix_index=p.final_index)
+    assert int(s.planned_mix_index[2]) == 0
+    assert int(p.decide(s, jnp.float32(0.04), 3).mix_index) == p.final_index
+    # Without a rollback the two agree.
+    assert int(p.decide(state(p, count=2, mix_index=0), jnp.float32(0.04), 3).mix_index) == 0
+
+
+def test_the_mix_plan_does_not_depend_on_x64():
+    code = ("import jax\n"
+            "from adaptive_optax.policy import adaptive_policy\n"
+            "key = jax.random.key_data(jax.random.PRNGKey(0))\n"
+            "print(adaptive_policy(mix_plan=('random',) * 6).plan_mixes(key, 6).tolist())\n")
+    outs = []
+    for x64 in ("0", "1"):
+        env = {**os.environ, "JAX_ENABLE_X64": x64, "JAX_PLATFORMS": "cpu"}
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert run.returncode == 0, run.stderr
+        outs.append(run.stdout.strip())
+    assert outs[0] == outs[1], outs
