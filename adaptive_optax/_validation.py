@@ -49,7 +49,9 @@ def check_float(
     """Returns ``value`` as a finite float, or raises if it is outside the interval.
 
     Bounds are clipped to the float32 range, so infinities and values that
-    would overflow float32 state are always rejected.
+    would overflow float32 state are always rejected. The value is checked
+    after rounding to float32 too, where the state uses it: a learning rate of
+    ``1e-46`` is 0 there, an ``rtol`` of ``1 - 1e-12`` is 1.
     """
     low, high = max(low, -FLOAT32_MAX), min(high, FLOAT32_MAX)
     lb, rb = ("(" if low_open else "["), (")" if high_open else "]")
@@ -61,6 +63,10 @@ def check_float(
     too_high = v >= high if high_open else v > high
     if not math.isfinite(v) or too_low or too_high:
         raise ValueError(f"{name} must be a finite number in {interval}, got {name} = {value!r}.")
+    r = float(np.float32(v))
+    if (r <= low if low_open else r < low) or (r >= high if high_open else r > high):
+        raise ValueError(f"{name} must be a finite number in {interval} after rounding to "
+                         f"float32, got {name} = {value!r}, which is {r!r} in float32.")
     return v
 
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from adaptive_optax._counters import increment_if
+
 
 class GradNormState(NamedTuple):
     """Gradient-norm statistics (scalars only)."""
@@ -105,7 +107,7 @@ def update_grad_norm(state: GradNormState, norm: jax.Array, decay: float) -> Gra
     # at 0.9999999). expm1/log1p keep 1 - decay**steps exact near 1.
     d = jnp.float32(decay)
     acc = jnp.where(finite, d * state.grad_norm_acc + (1.0 - d) * norm, state.grad_norm_acc)
-    steps = state.grad_norm_steps + finite.astype(jnp.int32)
+    steps = increment_if(state.grad_norm_steps, finite)
     correction = -jnp.expm1(steps.astype(jnp.float32) * jnp.log1p(-(1.0 - d)))
     ema = jnp.where(steps > 0, acc / jnp.maximum(correction, 1e-30), 0.0)
     return GradNormState(
@@ -113,5 +115,5 @@ def update_grad_norm(state: GradNormState, norm: jax.Array, decay: float) -> Gra
         grad_norm_acc=acc,
         grad_norm_steps=steps,
         last_grad_norm=jnp.where(finite, norm, state.last_grad_norm),
-        nonfinite_grad_count=state.nonfinite_grad_count + (~finite).astype(jnp.int32),
+        nonfinite_grad_count=increment_if(state.nonfinite_grad_count, ~finite),
     )

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from adaptive_optax._counters import increment_if
 from adaptive_optax._validation import check_float, check_int
 
 _MODES = ("min", "max")
@@ -152,7 +153,7 @@ class PlateauDetector:
         window_sum = state.window_sum + jnp.where(finite, value, 0.0)
         window_finite = state.window_finite + finite.astype(jnp.int32)
         window_step = state.window_step + 1
-        nonfinite_count = state.nonfinite_count + (~finite).astype(jnp.int32)
+        nonfinite_count = increment_if(state.nonfinite_count, ~finite)
 
         closed = window_step >= self.accumulation_steps
         mean = window_sum / jnp.maximum(window_finite, 1).astype(jnp.float32)
@@ -165,7 +166,7 @@ class PlateauDetector:
         # A non-improving window counts towards patience only outside cooldown.
         bad = valid & ~improved & ~in_cooldown
         plateau_count = jnp.where(
-            improved, 0, state.plateau_count + bad.astype(jnp.int32)
+            improved, 0, increment_if(state.plateau_count, bad)
         )
         plateau = bad & (plateau_count > self.patience)
         cooldown_count = jnp.where(
@@ -175,7 +176,7 @@ class PlateauDetector:
             window_sum=jnp.where(closed, 0.0, window_sum),
             window_finite=jnp.where(closed, 0, window_finite),
             window_step=jnp.where(closed, 0, window_step),
-            windows_completed=state.windows_completed + closed.astype(jnp.int32),
+            windows_completed=increment_if(state.windows_completed, closed),
             window_value=jnp.where(valid, mean, state.window_value),
             best_value=jnp.where(improved, mean, state.best_value),
             plateau_count=jnp.where(plateau, 0, plateau_count),

@@ -34,9 +34,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from adaptive_optax._counters import increment_if
 from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
@@ -123,12 +123,9 @@ def plateau_escape(
     # The per-intervention plan is an array of this length in the state.
     max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
     seed = check_int("seed", seed, 0, maximum=2**63 - 1)  # what numpy and the data loaders take
+    # Checked in float32 too (check_float): a decay that rounds to 1 would freeze the EMA.
     grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
                                   high_open=True)
-    if np.float32(grad_norm_decay) == 1.0:  # the EMA is float32: it would never move
-        raise ValueError("grad_norm_decay must be in [0, 1) after rounding to float32 "
-                         f"(at most {float(np.nextafter(np.float32(1), np.float32(0)))}), got "
-                         f"grad_norm_decay = {grad_norm_decay!r}.")
     boost_warmup_steps = check_int("boost_warmup_steps", boost_warmup_steps, minimum=0)
     if boost_decay_steps is not None:
         boost_decay_steps = check_int("boost_decay_steps", boost_decay_steps, minimum=1)
@@ -321,7 +318,7 @@ def plateau_escape(
             plateau_state = optax.tree.where(rolled_back, restarted, plateau_state)
 
         new_state = PlateauEscapeState.from_records(
-            step=step + 1,
+            step=increment_if(step),
             base_learning_rate=base,
             plateau=plateau_state,
             grad_norm=grad_state,

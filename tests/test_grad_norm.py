@@ -55,7 +55,7 @@ def test_a_constant_norm_gives_that_norm_for_any_decay(decay):
 
 
 def test_a_decay_that_rounds_to_one_in_float32_is_refused():
-    with pytest.raises(ValueError, match=r"grad_norm_decay must be in \[0, 1\) after rounding"):
+    with pytest.raises(ValueError, match=r"grad_norm_decay must be a finite number in \[0, 1\) after rounding to float32"):
         ao.plateau_escape(optax.sgd, 0.1, grad_norm_decay=1 - 1e-8)
 
 

@@ -175,7 +175,8 @@ def test_module_mixes_are_read_only():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(damping=(1e-50,)), r"damping must be > 0 in float32"),
+    (dict(damping=(1e-50,)), r"damping\[0\] must be a finite number in \(0, .* after rounding "
+                             r"to float32, got damping\[0\] = 1e-50, which is 0.0"),
     (dict(grad_norm_boosts=(3e38, 10.0, 5.0, 3.0), damping=(2.0,)), r"a damped boost"),
     (dict(initial_mix={"dice": 1e39, "focal": 0.3, "variance": 0.1, "bce": 0.2}),
      r"initial_mix\['dice'\] must be a finite weight in \[0, 3.40282e\+38\]"),

@@ -375,6 +375,18 @@ def test_invalid_configuration_raises_at_construction(kwargs, exc, name):
         ao.plateau_escape(optax.adam, BASE, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(learning_rate=1e-46), "learning_rate"),  # 0.0 in float32: no update at all
+    (dict(max_learning_rate=1e-46), "max_learning_rate"),
+    (dict(rtol=1 - 1e-12), "rtol"),  # 1.0 in float32: no window could ever improve
+])
+def test_values_that_round_out_of_range_in_float32_are_refused(kwargs, name):
+    kwargs = {"learning_rate": BASE, **kwargs}
+    with pytest.raises(ValueError, match=f"{name} must be .* after rounding to float32, got "
+                                         f"{name} = .*, which is"):
+        ao.plateau_escape(optax.adam, **kwargs)
+
+
 @pytest.mark.parametrize("lr", [0.0, -1e-3, float("nan"), jnp.float32(-1.0)])
 def test_invalid_learning_rate(lr):
     with pytest.raises(ValueError, match="learning_rate"):
