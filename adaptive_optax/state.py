@@ -149,7 +149,11 @@ class PlateauEscapeState(NamedTuple):
 
     @property
     def learning_rate(self) -> jax.Array:
-        """float32 []: the effective learning rate given to the inner optimizer."""
+        """[]: the effective learning rate given to the inner optimizer.
+
+        In the parameters' dtype, as ``optax.inject_hyperparams`` keeps it
+        (bfloat16 parameters: a bfloat16 rate, so updates stay bfloat16).
+        """
         return self.optimizer_state.hyperparams["learning_rate"]
 
     @property

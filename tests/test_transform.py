@@ -484,3 +484,14 @@ def test_gpu_and_tpu_lower_the_skip_without_a_conditional():
 
     # platform_dependent itself adds a constant-index case that XLA inlines.
     assert cases("cuda") == cases("tpu") == cases("cpu") - 1
+
+
+def test_clipping_inside_the_wrapped_optimizer_measures_the_raw_norm():
+    # README's advice: clip in the factory, and the EMA still sees the raw gradients.
+    tx = ao.plateau_escape(
+        lambda learning_rate: optax.chain(optax.clip_by_global_norm(1.0),
+                                          optax.sgd(learning_rate)), 1.0)
+    params = {"w": jnp.zeros(4)}
+    updates, state = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params, value=1.0)
+    assert float(optax.tree.norm(updates)) == pytest.approx(1.0)
+    assert float(ao.state_field(state, "last_grad_norm")) == pytest.approx(20.0)
