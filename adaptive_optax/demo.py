@@ -18,9 +18,11 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 
 from adaptive_optax import checkpoint
+from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX
 from adaptive_optax.data import DATASET_NAMES, load_dataset, num_batches
 from adaptive_optax.loop import History, fit
 from adaptive_optax.metrics import dice_iou
@@ -37,29 +39,37 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _number(text: str, kind: type, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "an integer >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int, "an integer >= 0")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    what = f"a number in (0, {FLOAT32_MAX:g}] (float32)"
+    value = _number(text, float, what)
+    if not 0 < value <= FLOAT32_MAX or float(np.float32(value)) == 0.0:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _number(text, float, "a number in [0, 1)")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
@@ -125,6 +135,18 @@ def build(args: argparse.Namespace):
     steps_per_epoch = num_batches(train_data, args.batch_size)
     if args.steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, args.steps_per_epoch)
+    # Checked here, under the flags' names, before the library checks them under its own.
+    if args.epochs * steps_per_epoch > INT32_MAX:
+        raise ValueError(f"--epochs {args.epochs} x {steps_per_epoch} steps per epoch must be "
+                         f"at most {INT32_MAX} steps (the int32 step count).")
+    size = train_data.images.shape[1:3]
+    max_depth = min(int(n & -n).bit_length() - 1 for n in size)  # the 2-adic valuation
+    if args.depth > max_depth:
+        raise ValueError(f"--depth must be in [0, {max_depth}]: the {size[0]}x{size[1]} crops "
+                         f"halve {max_depth} times without a remainder, got --depth {args.depth}.")
+    if args.width * 2**args.depth > 2**16:
+        raise ValueError(f"--width x 2**--depth must be at most {2**16} channels, got "
+                         f"--width {args.width}, --depth {args.depth}.")
     policy = policy_for(args.strategy)
     tx = make_optimizer(args.strategy, args.lr, total_steps=args.epochs * steps_per_epoch,
                         patience=args.patience, cooldown=args.cooldown, rtol=args.rtol,

@@ -33,6 +33,14 @@ def test_help_lists_every_option(capsys):
     (["--lr", "-1"], "--lr"),
     (["--data", "mnist"], "--data"),
     (["--devices", "64"], "--devices"),
+    # The flag and its range, not a library argument or a parser function's name:
+    (["--epochs", "1.5"], "--epochs: must be an integer >= 1, got '1.5'"),
+    (["--rtol", "x"], "--rtol: must be a number in [0, 1)"),
+    (["--lr", "1e-46"], "--lr: must be a number in (0,"),  # 0 in float32
+    (["--lr", "1e40"], "--lr: must be a number in (0, 3.40282e+38]"),
+    (["--depth", "7"], "--depth must be in [0, 6]"),  # 64x64 crops: a traceback before
+    (["--width", "70000"], "--width x 2**--depth must be at most 65536"),
+    (["--epochs", "200000000"], "--epochs 200000000 x 16 steps per epoch must be at most"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(argv, word, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -41,6 +49,7 @@ def test_bad_arguments_give_one_line_and_exit_code_2(argv, word, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert word in err
+    assert "_int" not in err and "_float" not in err
 
 
 def test_console_script_module_exits_2_on_bad_input():
