@@ -4,7 +4,11 @@ The seed's own failure was a loss jump from 0.32 to 0.65 right after an
 intervention. With a guard, each intervention first snapshots the parameters,
 the learning-rate multiplier and the loss mix. For the next ``guard_windows``
 valid windows, a window mean worse than the pre-intervention best by more than
-``rtol * |best| + atol`` triggers a rollback: the update returned on that step
+``rtol * |best| + atol`` triggers a rollback, and so does a watched window
+with no finite value at all (``rollback_on_nonfinite``: a boost that made the
+run diverge to NaN/Inf at once leaves no finite mean to compare, and with
+``skip_nonfinite_updates`` every later step would be skipped, freezing the
+model where the boost took it): the update returned on that step
 moves the parameters back to the snapshot (up to float rounding: the update is
 ``snapshot - params``, added by ``optax.apply_updates``), the multiplier and
 mix are restored, and later interventions become more conservative (every
@@ -55,6 +59,12 @@ class RollbackGuard:
         stop_after_rollback: Make no further interventions after a rollback.
         reset_optimizer: Re-initialise the inner optimizer on rollback (its
             ``init`` gets the restored parameters).
+        rollback_on_nonfinite: A watched window whose monitored values were
+            all NaN/Inf (or whose mean overflows float32) also triggers a
+            rollback. ``False`` ignores such windows, as outside the watch
+            (for data with whole windows of NaN that are not the model's
+            doing). Restoring needs finite parameters: updates are added, so
+            with ``skip_nonfinite_updates=False`` NaN parameters stay NaN.
 
     Raises:
         ValueError: If an argument is out of range; the message names it.
@@ -70,6 +80,7 @@ class RollbackGuard:
     shrink: float = 0.5
     stop_after_rollback: bool = False
     reset_optimizer: bool = False
+    rollback_on_nonfinite: bool = True
 
     def __post_init__(self):
         check_int("guard_windows", self.guard_windows, minimum=1)
@@ -78,6 +89,7 @@ class RollbackGuard:
         check_float("shrink", self.shrink, low=0.0, high=1.0)
         check_bool("stop_after_rollback", self.stop_after_rollback)
         check_bool("reset_optimizer", self.reset_optimizer)
+        check_bool("rollback_on_nonfinite", self.rollback_on_nonfinite)
 
     def init(self, params, initial_mix_index: int) -> RollbackState:
         """The guard's state before any intervention."""

@@ -226,8 +226,11 @@ def plateau_escape(
         limit = old.intervention_count >= max_interventions
         if rollback is not None:
             watching = guard_state.guard_windows_left > 0
-            rolled_back = event.valid & watching & rollback.is_worse(
+            worse = event.valid & rollback.is_worse(
                 plateau_state.window_value, guard_state.snapshot_value, detector.sign)
+            if rollback.rollback_on_nonfinite:
+                worse = worse | (event.closed & ~event.valid)  # no finite value: diverged
+            rolled_back = watching & worse
             if rollback.stop_after_rollback:
                 limit = limit | (guard_state.rollback_count > 0) | rolled_back
         intervene = event.plateau & ~limit & ~rolled_back

@@ -138,10 +138,45 @@ def test_rollback_in_max_mode():
     assert h[2]["rollbacks"] == 1
 
 
-def test_nan_window_does_not_trigger_rollback():
+def test_a_watched_window_without_a_finite_value_rolls_back():
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=1))
     h = run(tx, [1.0, 1.0, np.nan, 1.0])
+    assert [r["rollbacks"] for r in h] == [0, 0, 1, 1]
+    chex.assert_trees_all_close(h[2]["after"], h[1]["before"], atol=1e-6)
+    assert h[2]["lr"] == pytest.approx(BASE)
+
+
+def test_nan_windows_are_ignored_with_rollback_on_nonfinite_off():
+    guard = ao.RollbackGuard(guard_windows=1, rollback_on_nonfinite=False)
+    h = run(ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=guard),
+            [1.0, 1.0, np.nan, 1.0])
     assert h[-1]["rollbacks"] == 0
+
+
+def test_a_nan_window_outside_the_watch_never_rolls_back():
+    h = run(ao.plateau_escape(optax.sgd, BASE, patience=3, rollback=ao.RollbackGuard()),
+            [1.0, np.nan, 1.0, np.nan])
+    assert h[-1]["rollbacks"] == 0 and h[-1]["count"] == 0
+
+
+def test_a_boost_that_diverges_to_nan_is_rolled_back():
+    # After the intervention, loss and gradients are NaN (a boost too big for
+    # the step). Skipped updates freeze the model where the boost took it; with
+    # no finite mean to compare, only the non-finite rule can undo the boost.
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=2))
+    params = {"w": jnp.arange(3.0)}
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p, v: tx.update(g, s, p, value=v))
+    seen = []
+    for value in (1.0, 1.0, np.nan, np.nan):
+        seen.append(params)
+        grads = {"w": jnp.full(3, value if np.isnan(value) else 0.3)}
+        updates, state = step(grads, state, params, jnp.float32(value))
+        params = optax.apply_updates(params, updates)
+    assert int(optax.tree.get(state, "intervention_count")) == 1
+    assert int(ao.state_field(state, "rollback_count")) == 1
+    chex.assert_trees_all_close(params, seen[1], atol=1e-6)  # before the intervening step
+    assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(BASE)
 
 
 def test_snapshot_costs_one_parameter_copy():
