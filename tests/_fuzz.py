@@ -224,6 +224,7 @@ def targets() -> list[Target]:
                    shrink=float_pool((0.0, 0.5, 1.0), (-0.1, 1.5)),
                    stop_after_rollback=bool_pool(),
                    reset_optimizer=bool_pool(),
+                   rollback_on_nonfinite=bool_pool(),
                ),
                use=lambda g: use_tx(ao.plateau_escape(optax.sgd, 1e-2, patience=0,
                                                       rollback=g))),
