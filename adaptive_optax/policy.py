@@ -305,7 +305,7 @@ class InterventionPolicy:
         else:
             base = fixed[k]
         boost = base * damping[k]
-        # A rollback shrinks later boosts towards 1 (no change), not towards 0.
+        # A rollback shrinks later boosts towards 1 (the bare base rate), not towards 0.
         boost = 1.0 + (boost - 1.0) * state.conservatism
         planned = state.planned_mix_index[jnp.minimum(k, state.planned_mix_index.shape[0] - 1)]
         # "keep" keeps the mix in use; the plan assumed no rollback had changed it.

@@ -39,7 +39,11 @@ class RollbackState(NamedTuple):
     """The snapshot and the guard's counters."""
 
     snapshot_params: Any  # pytree like params: the parameters before the intervention
-    snapshot_multiplier: jax.Array  # float32 [], multiplier before the intervention
+    # The boost in force before the intervention (see boost.boost_multiplier): a
+    # rollback resumes its ramp or decay where it would be without the intervention.
+    snapshot_boost_from: jax.Array  # float32 []
+    snapshot_boost_to: jax.Array  # float32 []
+    snapshot_boost_step: jax.Array  # int32 []
     snapshot_mix_index: jax.Array  # int32 [], mix before the intervention
     snapshot_value: jax.Array  # float32 [], best monitored value before it
     guard_windows_left: jax.Array  # int32 [], windows still watched
@@ -55,7 +59,9 @@ class RollbackGuard:
         rtol: Relative worsening tolerated, ``>= 0``.
         atol: Absolute worsening tolerated, ``>= 0``.
         shrink: Factor in ``[0, 1]`` on ``boost - 1`` of later interventions,
-            per rollback; 0 makes them change only the loss mix.
+            per rollback. Boosts are relative to the base schedule, so 0 makes
+            their boost 1: they set the rate to the bare base schedule (lower
+            than a boost still in force) and change the loss mix.
         stop_after_rollback: Make no further interventions after a rollback.
         reset_optimizer: Re-initialise the inner optimizer on rollback (its
             ``init`` gets the restored parameters).
@@ -95,7 +101,9 @@ class RollbackGuard:
         """The guard's state before any intervention."""
         return RollbackState(
             snapshot_params=jax.tree.map(jnp.array, params),
-            snapshot_multiplier=jnp.ones([], jnp.float32),
+            snapshot_boost_from=jnp.ones([], jnp.float32),
+            snapshot_boost_to=jnp.ones([], jnp.float32),
+            snapshot_boost_step=jnp.full([], -1, jnp.int32),
             snapshot_mix_index=jnp.asarray(initial_mix_index, jnp.int32),
             snapshot_value=jnp.full([], jnp.nan, jnp.float32),
             guard_windows_left=jnp.zeros([], jnp.int32),

@@ -240,17 +240,20 @@ def plateau_escape(
             return jnp.where(intervene, on_intervene, jnp.where(rolled_back, on_rollback, keep))
 
         if rollback is not None:
-            snap_mult, snap_mix = guard_state.snapshot_multiplier, guard_state.snapshot_mix_index
+            # A rollback puts back the boost in force before the intervention,
+            # ramp or decay included, as if the intervention had not happened.
+            snap_from, snap_to = guard_state.snapshot_boost_from, guard_state.snapshot_boost_to
+            snap_step, snap_mix = guard_state.snapshot_boost_step, guard_state.snapshot_mix_index
             shrink = rollback.shrink
-        else:
-            snap_mult, snap_mix, shrink = old.lr_multiplier, old.mix_index, 1.0
-        changed = intervene | rolled_back
+        else:  # never rolled back: any values of the right type
+            snap_from, snap_to, snap_step = old.boost_from, old.boost_to, old.boost_step
+            snap_mix, shrink = old.mix_index, 1.0
         new = InterventionState(
             intervention_count=old.intervention_count + intervene.astype(jnp.int32),
             lr_multiplier=old.lr_multiplier,  # set below
-            boost_from=pick(current_multiplier, snap_mult, old.boost_from),
-            boost_to=pick(decision.boost, snap_mult, old.boost_to),
-            boost_step=jnp.where(changed, step, old.boost_step),
+            boost_from=pick(current_multiplier, snap_from, old.boost_from),
+            boost_to=pick(decision.boost, snap_to, old.boost_to),
+            boost_step=pick(step, snap_step, old.boost_step),
             mix_index=pick(decision.mix_index, snap_mix, old.mix_index),
             planned_mix_index=old.planned_mix_index,
             rng_key=old.rng_key,
@@ -306,8 +309,12 @@ def plateau_escape(
                                      guard_state.guard_windows_left)
             rollback_state = RollbackState(
                 snapshot_params=snapshot,
-                snapshot_multiplier=jnp.where(intervene, current_multiplier,
-                                              guard_state.snapshot_multiplier),
+                snapshot_boost_from=jnp.where(intervene, old.boost_from,
+                                              guard_state.snapshot_boost_from),
+                snapshot_boost_to=jnp.where(intervene, old.boost_to,
+                                            guard_state.snapshot_boost_to),
+                snapshot_boost_step=jnp.where(intervene, old.boost_step,
+                                              guard_state.snapshot_boost_step),
                 snapshot_mix_index=jnp.where(intervene, old.mix_index,
                                              guard_state.snapshot_mix_index),
                 snapshot_value=jnp.where(intervene, plateau_state.best_value,

@@ -99,6 +99,22 @@ def test_a_reset_on_rollback_starts_the_optimizer_from_the_restored_parameters()
     chex.assert_trees_all_close(optax.apply_updates(params, updates), params, atol=1e-6)
 
 
+@pytest.mark.parametrize("decay_steps", [None, 6])
+def test_a_rollback_resumes_the_boost_in_force_before_the_intervention(decay_steps):
+    # Intervention 1 (step 1, 10x) is still ramping up when intervention 2
+    # (step 2) is rolled back at step 3: the rate must go on as if intervention
+    # 2 had never happened (a first version held the mid-ramp value forever, or
+    # restarted the decay from it).
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, boost_warmup_steps=4,
+                           boost_decay_steps=decay_steps, rollback=ao.RollbackGuard(guard_windows=1))
+    h = run(tx, [1.0, 1.0, 1.0, 5.0] + [0.9 - 0.01 * k for k in range(10)])
+    assert [r["count"] for r in h[:4]] == [0, 1, 2, 2] and h[3]["rollbacks"] == 1
+    for step in range(3, len(h)):
+        expected = ao.boost_multiplier(jnp.int32(step - 1), 1.0, 10.0, warmup_steps=4,
+                                       decay_steps=decay_steps)
+        assert h[step]["lr"] == pytest.approx(BASE * float(expected), rel=1e-5), step
+
+
 def test_rollback_returns_the_parameters_to_the_snapshot_up_to_rounding():
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0,
                            rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))

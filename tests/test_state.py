@@ -39,7 +39,9 @@ def odd_records(guarded: bool):
     rollback = optax.EmptyState()
     if guarded:
         rollback = RollbackState(snapshot_params={"w": jnp.arange(3.0)},
-                                 snapshot_multiplier=jnp.float32(5.0),
+                                 snapshot_boost_from=jnp.float32(5.0),
+                                 snapshot_boost_to=jnp.float32(3.5),
+                                 snapshot_boost_step=jnp.int32(-7),
                                  snapshot_mix_index=jnp.int32(4),
                                  snapshot_value=jnp.float32(np.nan),
                                  guard_windows_left=jnp.int32(2), rollback_count=jnp.int32(1))

@@ -495,3 +495,16 @@ def test_clipping_inside_the_wrapped_optimizer_measures_the_raw_norm():
     updates, state = tx.update({"w": jnp.full(4, 10.0)}, tx.init(params), params, value=1.0)
     assert float(optax.tree.norm(updates)) == pytest.approx(1.0)
     assert float(ao.state_field(state, "last_grad_norm")) == pytest.approx(20.0)
+
+
+def test_inside_multisteps_the_detector_sees_one_value_per_real_step():
+    # README: MultiSteps runs the update on the last micro-step with its value=.
+    tx = optax.MultiSteps(ao.plateau_escape(optax.sgd, 0.1, patience=0, cooldown=5),
+                          every_k_schedule=2)
+    params = {"w": jnp.ones(4)}
+    state = tx.init(params)
+    step = jax.jit(lambda s, v: tx.update({"w": jnp.full(4, 0.02)}, s, params, value=v))
+    for value in (1.0, 9.0, 1.0, 9.0, 1.0, 9.0):  # 6 micro-steps = 3 real steps
+        _, state = step(state, jnp.float32(value))
+    assert int(ao.state_field(state, "windows_completed")) == 3
+    assert float(ao.state_field(state, "window_value")) == 9.0  # the last micro-step's value
