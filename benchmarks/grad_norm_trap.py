@@ -22,8 +22,8 @@ side with interleaved repeats, as a ratio to plain adam:
   plateau     the whole ``plateau_escape(optax.adam, lr)`` (for reference)
 
 For each variant it also dumps the optimized HLO
-(``jax.jit(step).lower(...).compile().as_text()``) and counts entry-computation
-ops (each one a thunk the CPU runtime executes in sequence; roughly a kernel or
+(``jax.jit(step).lower(...).compile().as_text()``) and counts executed ops
+(the entry computation's, a conditional's branch included; each one a thunk the CPU runtime executes in sequence; roughly a kernel or
 memcpy on GPU), fusions, copies, concatenates, conditionals and custom calls,
 the elements moved by copies and gathered by concatenates (in parameter
 counts) and XLA's bytes-accessed estimate, and prints an explanation from those

@@ -1,6 +1,7 @@
 """Per-step cost of ``plateau_escape`` against plain optax, measured side by side.
 
-What it measures (all in ONE process, repeats interleaved A B C D E, B C D E A, ...):
+What it measures (all in ONE process, the variants interleaved in a
+seeded random order every repeat):
 
 1. A jitted train step -- forward, backward, ``tx.update(grads, state, params,
    value=loss)`` and ``optax.apply_updates``, parameters and optimizer state
@@ -18,8 +19,9 @@ What it measures (all in ONE process, repeats interleaved A B C D E, B C D E A, 
    synthetic shapes data with the same BCE loss. It prints seconds per step
    (min and median over repeats), each variant's ratio to (a), the optimizer
    state bytes and the bytes beyond (a), and op counts of the optimized HLO
-   (entry-computation ops, i.e. CPU thunks / GPU kernels, and copies of
-   parameter-sized arrays).
+   (executed ops: the entry computation's, a conditional's taken branch
+   included, i.e. CPU thunks / GPU kernels; and copies of parameter-sized
+   arrays).
 2. A model-size sweep (MLP, ~1e4 -> 1e7 parameters) and a batch sweep (tiny
    conv net) of the (c)/(a) ratio next to (e)/(a). The extra row (c0) is
    ``plateau_escape(..., skip_nonfinite_updates=False)``: it isolates the cost
