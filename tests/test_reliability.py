@@ -346,7 +346,7 @@ _configs = st.fixed_dictionaries(dict(
     schedule=st.sampled_from(["constant", "linear"]),
 ))
 _value = st.one_of(st.floats(-5, 5, width=32), st.sampled_from([math.nan, math.inf, -math.inf]))
-_norm = st.one_of(st.floats(0.0, 3.0, width=32), st.just(math.nan))
+_norm = st.one_of(st.floats(0.0, 3.0, width=32), st.sampled_from([math.nan, math.inf, -math.inf]))
 BASE = 1e-3
 
 
