@@ -32,7 +32,9 @@ class History:
             ``dice``, ``iou``: mean over classes).
         interventions: One dict per intervention or rollback (step, epoch,
             window, grad-norm EMA, learning rate before and after, ``boost`` = the
-            multiplier on the base schedule, and the mix before and after).
+            multiplier the event set on the base schedule (the target of a
+            warm-up ramp, before a ``max_learning_rate`` cap), and the mix
+            before and after).
     """
 
     steps: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -179,7 +181,7 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
                 grad_norm_ema=float(row["grad_norm_ema"]),
                 lr_before=float(before["learning_rate"]),
                 lr_after=float(row["learning_rate"]),
-                boost=float(row["lr_multiplier"]),
+                boost=float(row["boost_to"]),
                 mix_before=mix_label(int(before["mix_index"])),
                 mix_after=mix_label(int(row["mix_index"])),
                 weights_before=_weights_of(before),

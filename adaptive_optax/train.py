@@ -40,10 +40,10 @@ from adaptive_optax.state import find_state
 
 
 # Fields read from the optimizer state after each step (names unique in the state).
-STATE_FIELDS = ("learning_rate", "base_learning_rate", "lr_multiplier", "intervention_count",
-                "grad_norm_ema", "plateau_count", "best_value", "window_value",
-                "windows_completed", "mix_index", "nonfinite_count", "nonfinite_grad_count",
-                "rollback_count")
+STATE_FIELDS = ("learning_rate", "base_learning_rate", "lr_multiplier", "boost_to",
+                "intervention_count", "grad_norm_ema", "plateau_count", "best_value",
+                "window_value", "windows_completed", "mix_index", "nonfinite_count",
+                "nonfinite_grad_count", "rollback_count")
 
 
 class StepMetrics(NamedTuple):

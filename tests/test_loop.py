@@ -81,3 +81,17 @@ def test_an_empty_validation_set_fails_before_the_first_step():
     with pytest.raises(ValueError, match="val_data must hold at least one example"):
         loop.fit(run["train_step"], run["eval_step"], run["state"], tr, empty, epochs=1,
                  batch_size=8)
+
+
+def test_the_logged_boost_is_the_target_of_a_warm_up_ramp():
+    # On the intervention step a ramp has only begun (lr_multiplier is its
+    # first value); the log reports the boost the intervention set.
+    tr, va = tiny_data()
+    run = tiny_run(patience=0, accumulation_steps=2, boost_warmup_steps=8)
+    _, history = loop.fit(run["train_step"], run["eval_step"], run["state"], tr, va,
+                          epochs=3, batch_size=8)
+    event = history.interventions[0]
+    multiplier = history.array("lr_multiplier")
+    assert event["boost"] == history.steps["boost_to"][event["step"]]
+    assert multiplier[event["step"]] < event["boost"] * 0.9  # still ramping
+    assert event["boost"] in (15.0, 10.0, 5.0, 3.0)  # an undamped first boost of the table
