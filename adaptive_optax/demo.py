@@ -70,8 +70,15 @@ def _positive_float(text: str) -> float:
 
 def _fraction(text: str) -> float:
     value = _number(text, float, "a number in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    if not 0 <= value < 1 or float(np.float32(value)) == 1.0:  # rtol is used in float32
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (also in float32), got {text}")
+    return value
+
+
+def _intervention_cap(text: str) -> int:
+    value = _number(text, int, "an integer in [0, 10000]")
+    if not 0 <= value <= 10_000:  # plateau_escape's bound: the plan is an array of this length
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 10000], got {text}")
     return value
 
 
@@ -103,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs after an intervention with no plateau counted")
     p.add_argument("--rtol", type=_fraction, default=0.05,
                    help="relative improvement an epoch needs to count as one")
-    p.add_argument("--max-interventions", type=_non_negative_int, default=3,
+    p.add_argument("--max-interventions", type=_intervention_cap, default=3,
                    help="cap on interventions")
     p.add_argument("--depth", type=_non_negative_int, default=2, help="U-Net downsamplings")
     p.add_argument("--width", type=_positive_int, default=8, help="U-Net base width")

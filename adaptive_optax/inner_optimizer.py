@@ -110,12 +110,16 @@ def inject_learning_rate(
     tx = _build(optimizer, optimizer_kwargs)
     if not structured:
         return tx
+    checked = set()  # parameter signatures already checked (the reset path calls init again)
 
     def init(params):
-        # Traced abstractly, once per init (and per trace of a reset): no compute.
         abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(jnp.shape(p), jnp.result_type(p)),
                                 params)
-        _check_keywords(optimizer, name, structured, abstract)
+        signature = (jax.tree.structure(abstract),
+                     tuple((a.shape, a.dtype) for a in jax.tree.leaves(abstract)))
+        if signature not in checked:  # traced abstractly: no compute, but not free on big trees
+            _check_keywords(optimizer, name, structured, abstract)
+            checked.add(signature)
         return tx.init(params)
 
     return optax.GradientTransformationExtraArgs(init, tx.update)
@@ -141,8 +145,14 @@ _STAND_IN_PARAMS = {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
 
 def _is_scalar(value: Any) -> bool:
     """A keyword value that cannot depend on the parameters' structure."""
-    return value is None or isinstance(value, (numbers.Number, str)) or (
-        not callable(value) and np.ndim(value) == 0 and not isinstance(value, (dict, list, tuple)))
+    if value is None or isinstance(value, (numbers.Number, str)):
+        return True
+    if callable(value) or isinstance(value, (dict, list, tuple)):
+        return False
+    try:
+        return np.ndim(value) == 0
+    except ValueError:  # not array-like
+        return False
 
 
 def _check_keywords(optimizer, name: str, optimizer_kwargs: dict[str, Any], params) -> None:

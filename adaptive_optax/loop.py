@@ -32,9 +32,10 @@ class History:
             ``dice``, ``iou``: mean over classes).
         interventions: One dict per intervention or rollback (step, epoch,
             window, grad-norm EMA, learning rate before and after, ``boost`` = the
-            multiplier the event set on the base schedule (the target of a
-            warm-up ramp, before a ``max_learning_rate`` cap), and the mix
-            before and after).
+            multiplier the event set on the base schedule (an intervention's
+            boost, the target of its warm-up ramp; for a rollback, the
+            restored multiplier; before a ``max_learning_rate`` cap), and the
+            mix before and after).
     """
 
     steps: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -181,7 +182,9 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
                 grad_norm_ema=float(row["grad_norm_ema"]),
                 lr_before=float(before["learning_rate"]),
                 lr_after=float(row["learning_rate"]),
-                boost=float(row["boost_to"]),
+                # An intervention's target (a warm-up ramp's end); a rollback's
+                # restored trajectory may be far along its decay: what it set.
+                boost=float(row["boost_to"] if kind == "intervention" else row["lr_multiplier"]),
                 mix_before=mix_label(int(before["mix_index"])),
                 mix_after=mix_label(int(row["mix_index"])),
                 weights_before=_weights_of(before),

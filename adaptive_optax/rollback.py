@@ -2,7 +2,8 @@
 
 The seed's own failure was a loss jump from 0.32 to 0.65 right after an
 intervention. With a guard, each intervention first snapshots the parameters,
-the learning-rate multiplier and the loss mix. For the next ``guard_windows``
+the boost in force (its ramp or decay: start, target and step) and the loss
+mix. For the next ``guard_windows``
 valid windows, a window mean worse than the pre-intervention best by more than
 ``rtol * |best| + atol`` triggers a rollback, and so does a watched window
 with no finite value at all (``rollback_on_nonfinite``: a boost that made the
@@ -67,7 +68,10 @@ class RollbackGuard:
             ``init`` gets the restored parameters).
         rollback_on_nonfinite: A watched window whose monitored values were
             all NaN/Inf (or whose mean overflows float32) also triggers a
-            rollback. ``False`` ignores such windows, as outside the watch
+            rollback. With ``skip_nonfinite_updates`` a step with non-finite
+            gradients has its value skipped too, so such a window may have had
+            finite losses: with ``accumulation_steps=1`` one batch of NaN
+            gradients right after an intervention rolls it back. ``False`` ignores such windows, as outside the watch
             (for data with whole windows of NaN that are not the model's
             doing). Restoring needs finite parameters: updates are added, so
             with ``skip_nonfinite_updates=False`` NaN parameters stay NaN.

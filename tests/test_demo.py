@@ -41,6 +41,8 @@ def test_help_lists_every_option(capsys):
     (["--depth", "7"], "--depth must be in [0, 6]"),  # 64x64 crops: a traceback before
     (["--width", "70000"], "--width x 2**--depth must be at most 65536"),
     (["--epochs", "200000000"], "--epochs 200000000 x 16 steps per epoch must be at most"),
+    (["--rtol", "0.99999999999"], "--rtol: must be in [0, 1) (also in float32)"),
+    (["--max-interventions", "20000"], "--max-interventions: must be an integer in [0, 10000]"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(argv, word, capsys):
     with pytest.raises(SystemExit) as exit_info:

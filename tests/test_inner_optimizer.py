@@ -61,6 +61,35 @@ def test_a_mask_shaped_like_the_parameters_is_accepted(mask):
     chex.assert_trees_all_close(updates, {"kernel": jnp.full((3, 2), -0.05), "bias": jnp.zeros(2)})
 
 
+def test_a_nested_list_mask_is_accepted():
+    # A ragged nested list made np.ndim raise in the scalar test at construction.
+    params = [[jnp.ones((3, 2)), jnp.ones(2)], jnp.ones(2)]
+    tx = ao.plateau_escape(optax.adamw, 0.1, weight_decay=0.5, mask=[[True, False], True])
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params, value=1.0)
+    chex.assert_trees_all_close(updates, [[jnp.full((3, 2), -0.05), jnp.zeros(2)],
+                                          jnp.full(2, -0.05)])
+
+
+def test_structured_keywords_are_checked_once_per_parameter_signature(monkeypatch):
+    # The reset path calls init inside every traced update: the check (two
+    # abstract traces over all parameters) must not rerun there.
+    from adaptive_optax import inner_optimizer
+    calls = []
+    real = inner_optimizer._fails
+    monkeypatch.setattr(inner_optimizer, "_fails", lambda *a: calls.append(1) or real(*a))
+    tx = ao.plateau_escape(optax.adamw, 0.1, mask={"kernel": True, "bias": False},
+                           policy=ao.legacy_policy())  # resets: init runs inside update
+    state = tx.init(PARAMS)
+    first = len(calls)
+    assert first == 2  # without the keyword, then with it
+    tx.init(PARAMS)
+    jax.jit(lambda s: tx.update(PARAMS, s, PARAMS, value=1.0))(state)
+    assert len(calls) == first
+    tx.init({"kernel": jnp.ones((4, 2)), "bias": jnp.ones(2)})  # another signature: checked
+    assert len(calls) == first + 2
+
+
 @pytest.mark.parametrize("kwargs, name", [({"mask": {"kernel": True}}, "mask"),
                                           ({"b1": 0.9, "eps": [1, 2]}, "eps")])
 def test_a_structured_keyword_that_does_not_fit_is_named_at_init(kwargs, name):

@@ -95,3 +95,17 @@ def test_the_logged_boost_is_the_target_of_a_warm_up_ramp():
     assert event["boost"] == history.steps["boost_to"][event["step"]]
     assert multiplier[event["step"]] < event["boost"] * 0.9  # still ramping
     assert event["boost"] in (15.0, 10.0, 5.0, 3.0)  # an undamped first boost of the table
+
+
+def test_a_rollback_logs_the_multiplier_it_restored():
+    # After a rollback boost_to is the restored trajectory's target, which a
+    # decay may have left far behind: the log reports what was set.
+    row = dict(intervention_count=1, rollback_count=0, windows_completed=3, grad_norm_ema=0.1,
+               learning_rate=2e-3, lr_multiplier=2.1, boost_to=2.1, mix_index=0)
+    rolled = dict(row, rollback_count=1, learning_rate=1e-3, lr_multiplier=1.0, boost_to=3.0,
+                  mix_index=4)
+    history = loop.History()
+    loop._log_interventions(history, [row, rolled], None, 10, 2, str)
+    (event,) = history.interventions
+    assert event["kind"] == "rollback" and event["step"] == 11
+    assert event["boost"] == 1.0 and event["lr_after"] == 1e-3

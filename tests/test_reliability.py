@@ -130,7 +130,10 @@ def test_a_burst_of_nonfinite_steps_never_poisons_the_state_and_training_recover
     # A step with non-finite gradients has its value skipped too (its update is skipped).
     assert read(final, "nonfinite_count") == len(BURST)
     if value_poisoned or grads_poisoned:
-        # All-NaN windows are invalid: the burst can neither declare a plateau nor roll back.
+        # All-NaN windows are invalid: the burst cannot declare a plateau. No guard
+        # watches here (nothing intervened before), and outside a watch they do
+        # not roll back either (inside one they do: tests/test_rollback.py).
+        assert read(before[1], "guard_windows_left") == 0
         for name in ("intervention_count", "rollback_count"):
             assert read(after_burst[1], name) == read(before[1], name), name
     if grads_poisoned:  # skipped updates: the parameters did not move during the burst
@@ -339,7 +342,7 @@ _configs = st.fixed_dictionaries(dict(
     rollback=st.one_of(st.none(), st.builds(
         ao.RollbackGuard, guard_windows=st.integers(1, 2), rtol=st.sampled_from([0.0, 0.05]),
         shrink=st.sampled_from([0.0, 0.5]), stop_after_rollback=st.booleans(),
-        reset_optimizer=st.booleans())),
+        reset_optimizer=st.booleans(), rollback_on_nonfinite=st.booleans())),
     policy=st.builds(ao.adaptive_policy, use_grad_norm=st.booleans(),
                      damping=st.sampled_from([(1.0, 0.7, 0.5), (0.2,), (1.0, 2.0)]),
                      reset_optimizer=st.sampled_from([(False,), (False, True)])),

@@ -170,9 +170,13 @@ def test_nan_windows_are_ignored_with_rollback_on_nonfinite_off():
 
 
 def test_a_nan_window_outside_the_watch_never_rolls_back():
-    h = run(ao.plateau_escape(optax.sgd, BASE, patience=3, rollback=ao.RollbackGuard()),
-            [1.0, np.nan, 1.0, np.nan])
-    assert h[-1]["rollbacks"] == 0 and h[-1]["count"] == 0
+    # Intervention at step 1; its one watched window (step 2) is fine; the NaN
+    # window at step 3 comes after the watch.
+    h = run(ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=ao.RollbackGuard(guard_windows=1)),
+            [1.0, 1.0, 0.5, np.nan, 0.4])
+    assert [r["count"] for r in h] == [0, 1, 1, 1, 1]
+    assert int(ao.state_field(h[2]["state"], "guard_windows_left")) == 0
+    assert h[-1]["rollbacks"] == 0
 
 
 def test_a_boost_that_diverges_to_nan_is_rolled_back():
