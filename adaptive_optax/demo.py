@@ -30,6 +30,8 @@ from adaptive_optax.strategies import STRATEGIES, make_optimizer, policy_for
 from adaptive_optax.train import evaluate, init_train_state, make_eval_step, make_train_step
 from adaptive_optax.unet import UNet
 
+# What the one foreground class of each bundled data set is.
+_CLASS_NAMES = {"nuclei": "nucleus", "shapes": "shape"}
 # Options that do not change the numbers of a run, so --resume may differ in them.
 _NOT_CONFIG = ("out", "resume", "progress", "checkpoint_every")
 
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=5,
                    help="save an Orbax checkpoint every N epochs (0: never)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in OUT/checkpoints")
+                   help="continue from the latest checkpoint in OUT/checkpoints (with the "
+                        "run's options: --epochs too, which the schedules depend on)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (shown by default)")
     return p
@@ -176,12 +179,12 @@ def format_intervention(event: dict) -> str:
             f"{event['mix_before']} -> {event['mix_after']} ({weights})")
 
 
-def results_table(history: History) -> str:
-    """The final validation Dice/IoU table."""
+def results_table(history: History, class_name: str = "foreground") -> str:
+    """The final validation Dice/IoU table (``class_name`` labels a binary task's class)."""
     last = {k: v[-1] for k, v in history.evals.items()}
     best = max(history.evals["dice"])
     rows = [f"{'class':<12}{'Dice':>8}{'IoU':>8}"]
-    names = ["nucleus"] if len(last["dice_per_class"]) == 1 else [
+    names = [class_name] if len(last["dice_per_class"]) == 1 else [
         f"class {i}" for i in range(len(last["dice_per_class"]))]
     for name, d, i in zip(names, last["dice_per_class"], last["iou_per_class"]):
         rows.append(f"{name:<12}{d:>8.4f}{i:>8.4f}")
@@ -272,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dice, iou = dice_iou(evaluate(parts["eval_step"], state, parts["val"], args.batch_size))
     print(f"\ntrained {args.epochs - start_epoch} epochs in {elapsed:.1f} s; "
           f"{len([e for e in history.interventions if e['kind'] == 'intervention'])} interventions")
-    print(results_table(history))
+    print(results_table(history, _CLASS_NAMES.get(args.data, "foreground")))
     with open(os.path.join(args.out, "history.json"), "w") as f:
         f.write(history.to_json())
     with open(os.path.join(args.out, "config.json"), "w") as f:

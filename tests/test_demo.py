@@ -66,7 +66,7 @@ def test_tiny_run_writes_outputs_and_resume_is_bit_identical(tmp_path, capsys):
     assert demo.main(TINY + ["--out", full]) == 0
     out = capsys.readouterr().out
     assert "[intervention 1]" in out and "grad-norm EMA" in out and "base x" in out
-    assert "nucleus" in out and "Dice" in out
+    assert "\nshape " in out and "nucleus" not in out and "Dice" in out  # --data shapes
     for name in ["history.json", "config.json", "run.png"]:
         assert os.path.exists(os.path.join(full, name))
 
