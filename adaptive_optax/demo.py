@@ -18,16 +18,16 @@ import time
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from adaptive_optax import checkpoint
-from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX
+from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX, check_float
 from adaptive_optax.data import DATASET_NAMES, load_dataset, num_batches
 from adaptive_optax.loop import History, fit
 from adaptive_optax.metrics import dice_iou
 from adaptive_optax.strategies import STRATEGIES, make_optimizer, policy_for
 from adaptive_optax.train import evaluate, init_train_state, make_eval_step, make_train_step
+from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND
 from adaptive_optax.unet import UNet
 
 # What the one foreground class of each bundled data set is.
@@ -62,25 +62,33 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _checked_float(text: str, what: str, in_range: str, **interval) -> float:
+    """A float in ``interval``, checked by ``check_float`` (also after rounding to float32).
+
+    ``what`` is said of a non-number, ``in_range`` of a number out of range.
+    """
+    value = _number(text, float, what)
+    try:
+        return check_float("value", value, **interval)
+    except ValueError:  # the library's message names its own argument, not the flag
+        raise argparse.ArgumentTypeError(f"must be {in_range}, got {text}") from None
+
+
 def _positive_float(text: str) -> float:
     what = f"a number in (0, {FLOAT32_MAX:g}] (float32)"
-    value = _number(text, float, what)
-    if not 0 < value <= FLOAT32_MAX or float(np.float32(value)) == 0.0:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
+    return _checked_float(text, what, what, low=0.0, low_open=True)
 
 
-def _fraction(text: str) -> float:
-    value = _number(text, float, "a number in [0, 1)")
-    if not 0 <= value < 1 or float(np.float32(value)) == 1.0:  # rtol is used in float32
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (also in float32), got {text}")
-    return value
+def _fraction(text: str) -> float:  # rtol is used in float32
+    return _checked_float(text, "a number in [0, 1)", "in [0, 1) (also in float32)",
+                          low=0.0, high=1.0, high_open=True)
 
 
 def _intervention_cap(text: str) -> int:
-    value = _number(text, int, "an integer in [0, 10000]")
-    if not 0 <= value <= 10_000:  # plateau_escape's bound: the plan is an array of this length
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 10000], got {text}")
+    what = f"an integer in [0, {MAX_INTERVENTIONS_BOUND}]"
+    value = _number(text, int, what)
+    if not 0 <= value <= MAX_INTERVENTIONS_BOUND:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
 

@@ -24,7 +24,7 @@ import optax
 from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.policy import InterventionPolicy, adaptive_policy, legacy_policy
 from adaptive_optax.rollback import RollbackGuard
-from adaptive_optax.transform import plateau_escape
+from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr")
@@ -79,7 +79,8 @@ def make_optimizer(
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
     total_steps = check_int("total_steps", total_steps, 1)
-    max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
+    max_interventions = check_int("max_interventions", max_interventions, 0,
+                                  maximum=MAX_INTERVENTIONS_BOUND)
     learning_rate = check_float("learning_rate", learning_rate, low=0.0, low_open=True)
     common = dict(patience=patience, accumulation_steps=accumulation_steps, cooldown=cooldown,
                   rtol=rtol, seed=seed, policy=policy or policy_for(strategy), optimizer=optimizer, **kwargs)

@@ -46,6 +46,9 @@ from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import RollbackGuard, RollbackState
 from adaptive_optax.state import PlateauEscapeState
 
+# Bound on max_interventions: the per-intervention plan is an array of this length in the state.
+MAX_INTERVENTIONS_BOUND = 10_000
+
 
 def plateau_escape(
     optimizer: Callable[..., optax.GradientTransformation],
@@ -120,8 +123,8 @@ def plateau_escape(
     """
     detector = PlateauDetector(patience=patience, accumulation_steps=accumulation_steps,
                                cooldown=cooldown, mode=mode, rtol=rtol, atol=atol)
-    # The per-intervention plan is an array of this length in the state.
-    max_interventions = check_int("max_interventions", max_interventions, 0, maximum=10_000)
+    max_interventions = check_int("max_interventions", max_interventions, 0,
+                                  maximum=MAX_INTERVENTIONS_BOUND)
     seed = check_int("seed", seed, 0, maximum=2**63 - 1)  # what numpy and the data loaders take
     # Checked in float32 too (check_float): a decay that rounds to 1 would freeze the EMA.
     grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
