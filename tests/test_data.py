@@ -1,8 +1,9 @@
-"""Tests for adaptive_optax.data: synthetic shapes, the nuclei crops, batching."""
+"""Tests for adaptive_optax.data: synthetic shapes, the nuclei and grey-matter crops, batching."""
 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from adaptive_optax import data as data_lib
 from adaptive_optax.data import (
     SegmentationData,
     batches,
+    grey_matter_dataset,
+    grey_matter_volume,
     load_dataset,
     nuclei_dataset,
     nuclei_image,
@@ -22,6 +25,11 @@ needs_stardist = pytest.mark.skipif(
     importlib.util.find_spec("stardist") is None
     or importlib.util.find_spec("tifffile") is None,
     reason="the nuclei data needs the [demo] extras (stardist, tifffile)",
+)
+
+needs_nilearn = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("nilearn", "nibabel", "scipy")),
+    reason="the grey-matter data needs the [demo] extras (nilearn, nibabel, scipy)",
 )
 
 
@@ -253,6 +261,192 @@ def test_missing_stardist_says_how_to_install(monkeypatch):
         data_lib._load_nuclei.cache_clear()
 
 
+# --- grey matter ------------------------------------------------------------
+
+
+@needs_nilearn
+def test_grey_matter_volume_loads():
+    image, mask = grey_matter_volume()
+    # The brain's bounding box in the 1 mm MNI152 grid, as coronal slices.
+    assert image.shape == mask.shape == (181, 155, 145)
+    assert image.dtype == np.float32 and mask.dtype == bool
+    assert image.min() == 0.0 and image.max() == 1.0
+    brain = image > 0
+    # Grey matter lies inside the skull-stripped brain and is 57 % of it.
+    assert not (mask & ~brain).any()
+    assert 0.55 < mask[brain].mean() < 0.60
+    # Grey matter is darker than the brightest (white-matter) voxels and
+    # brighter than the darkest (CSF) ones: a band, not a threshold.
+    gm_mean = image[mask].mean()
+    assert np.percentile(image[brain], 5) < gm_mean < np.percentile(image[brain], 95)
+    # The recipe, from the raw files: the brain's bounding box (x 26..170,
+    # y 27..207, z 0..154 of 197x233x189) as [y, z reversed, x].
+    import nibabel
+
+    root = data_lib._package_dir("nilearn", "grey_matter")
+    t1, gm = (
+        np.asanyarray(nibabel.load(f"{root}/datasets/data/{name}").dataobj)
+        for name in (data_lib._MNI_T1_FILE, data_lib._MNI_GM_FILE)
+    )
+    box = (slice(26, 171), slice(27, 208), slice(0, 155))
+    assert t1[box].sum() == t1.sum()
+    np.testing.assert_array_equal(image, t1[box].transpose(1, 2, 0)[:, ::-1] / np.float32(255))
+    np.testing.assert_array_equal(mask, gm[box].transpose(1, 2, 0)[:, ::-1] >= 128)
+    # Returned arrays are copies: mutating them does not poison the cache.
+    image[:] = -1.0
+    mask[:] = False
+    assert grey_matter_volume()[0].min() == 0.0
+    assert grey_matter_volume()[1].any()
+
+
+def assert_components(instances: np.ndarray):
+    """Ids are 4-connected components: 4-neighbours in the mask share an id."""
+    for axis in (1, 2):
+        a = np.moveaxis(instances, axis, -1)[..., :-1]
+        b = np.moveaxis(instances, axis, -1)[..., 1:]
+        both = (a > 0) & (b > 0)
+        np.testing.assert_array_equal(a[both], b[both])
+
+
+@needs_nilearn
+def test_grey_matter_dataset_default_recipe():
+    train, val = grey_matter_dataset(num_train=64, seed=0)
+    assert_well_formed(train, 64, 64, 32)
+    assert_well_formed(val, 20, 64, 32)
+    # Non-trivial masks over each set.
+    for part in (train, val):
+        assert 0.05 < part.masks.mean() < 0.95
+    assert_components(train.instances)
+    assert_components(val.instances)
+    # Validation crops: every 8th slice from 8 past the split (136 of 181),
+    # each tiled by a centred 2x2 grid of 64 (rows 13.., columns 8..).
+    image, mask = grey_matter_volume()
+    tiles = [
+        (image[z, y : y + 64, x : x + 64], mask[z, y : y + 64, x : x + 64])
+        for z in (144, 152, 160, 168, 176)
+        for y in (13, 77)
+        for x in (8, 72)
+    ]
+    np.testing.assert_array_equal(val.images[..., 0], np.stack([t[0] for t in tiles]))
+    np.testing.assert_array_equal(val.masks[..., 0] > 0, np.stack([t[1] for t in tiles]))
+
+
+@needs_nilearn
+def test_grey_matter_dataset_deterministic_by_seed():
+    a, val_a = grey_matter_dataset(num_train=8, seed=1)
+    b, val_b = grey_matter_dataset(num_train=8, seed=1)
+    c, val_c = grey_matter_dataset(num_train=8, seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.images, c.images)
+    # The validation set does not depend on the seed.
+    for x, y in zip(val_a, val_c):
+        np.testing.assert_array_equal(x, y)
+
+
+@needs_nilearn
+def test_load_grey_matter():
+    train, val = load_dataset("grey_matter", num_train=8, size=32)
+    assert_well_formed(train, 8, 32, 32)
+    # 5 validation slices of 4x4 tiles of 32.
+    assert_well_formed(val, 80, 32, 32)
+    with pytest.raises(ValueError, match="num_val does not apply to 'grey_matter'"):
+        load_dataset("grey_matter", num_val=4)
+
+
+@pytest.fixture
+def slice_coded_volume(monkeypatch):
+    """Replaces the grey-matter volume by one whose value is the slice index."""
+    depth, height, width = 100, 80, 72
+    slices = np.arange(depth, dtype=np.float32)[:, None, None]
+    image = np.broadcast_to(slices / (depth - 1), (depth, height, width))
+    # 4x4 squares on a checkerboard: they touch only at corners, so each is
+    # its own 4-connected component, many per crop.
+    yy, xx = np.mgrid[0:height, 0:width]
+    board = ((yy // 4) + (xx // 4)) % 2 == 0
+    mask = np.broadcast_to(board, (depth, height, width))
+    monkeypatch.setattr(data_lib, "_load_grey_matter", lambda: (image, mask))
+    return image, mask
+
+
+def test_grey_matter_train_and_val_slices_disjoint(slice_coded_volume):
+    image, _ = slice_coded_volume
+    depth = image.shape[0]
+    train, val = grey_matter_dataset(crop_size=32, num_train=300, seed=0, max_instances=1000)
+    train_slices = np.unique(np.rint(train.images * (depth - 1)))
+    val_slices = np.unique(np.rint(val.images * (depth - 1)))
+    # Split at 75 of 100 slices; validation: every 8th slice from 83 on.
+    assert train_slices.max() <= 74
+    np.testing.assert_array_equal(val_slices, [83, 91, 99])
+    # The random slices reach both ends of the training slab.
+    assert train_slices.min() < 3 and train_slices.max() > 71
+    # 80x72 slices hold a 2x2 grid of 32.
+    assert val.images.shape[0] == 3 * 2 * 2
+    assert_well_formed(train, 300, 32, 1000)
+    assert_components(train.instances)
+    # A 32x32 crop of 4x4 squares holds 32 whole (or 36-41 cut) squares.
+    assert train.instances.max(axis=(1, 2)).min() >= 32
+
+
+def test_grey_matter_crops_relabel_and_cap(slice_coded_volume):
+    train, val = grey_matter_dataset(crop_size=32, num_train=16, seed=0, max_instances=5)
+    for part in (train, val):
+        assert_consecutive(part.instances, 5)
+        assert part.instances.max() == 5
+        # Capped components lose their id but stay foreground in the mask.
+        assert ((part.masks[..., 0] > 0) >= (part.instances > 0)).all()
+        assert (part.masks[..., 0] > 0).sum() > (part.instances > 0).sum()
+        # The kept ones are whole squares (the largest), 16 pixels each.
+        kept = np.bincount(part.instances[0].ravel())[1:]
+        np.testing.assert_array_equal(kept, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0.08}, r"val_fraction=0.08 leaves 92 training and 8 validation"),
+        ({"val_fraction": 0.999}, r"leaves 0 training"),
+        ({"crop_size": 4}, "crop_size"),
+        ({"crop_size": 73}, r"crop_size=73 does not fit in a 80x72 slice"),
+        ({"num_train": 0}, "num_train"),
+    ],
+)
+def test_grey_matter_dataset_rejects_bad_args(slice_coded_volume, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        grey_matter_dataset(**kwargs)
+
+
+def test_load_dataset_names_size_for_grey_matter(slice_coded_volume):
+    message = r"^size = 100 is not a valid crop size for 'grey_matter'"
+    with pytest.raises(ValueError, match=message):
+        load_dataset("grey_matter", size=100)
+
+
+def test_missing_nilearn_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
+    data_lib._load_grey_matter.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"nilearn.*pip install 'adaptive-optax\[demo\]'"):
+            grey_matter_volume()
+    finally:
+        monkeypatch.undo()
+        data_lib._load_grey_matter.cache_clear()
+
+
+def test_missing_nibabel_says_how_to_install(monkeypatch):
+    # A None entry in sys.modules makes `import nibabel` raise ImportError.
+    monkeypatch.setitem(sys.modules, "nibabel", None)
+    data_lib._load_grey_matter.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"nibabel.*pip install 'adaptive-optax\[demo\]'"):
+            grey_matter_dataset(num_train=1)
+    finally:
+        monkeypatch.undo()
+        data_lib._load_grey_matter.cache_clear()
+
+
 # --- batching ---------------------------------------------------------------
 
 
@@ -339,5 +533,5 @@ def test_load_nuclei():
 
 
 def test_load_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"'nuclei', 'shapes'"):
+    with pytest.raises(ValueError, match=r"\['grey_matter', 'nuclei', 'shapes'\]"):
         load_dataset("mnist")
