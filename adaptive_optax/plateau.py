@@ -10,7 +10,8 @@ Definitions (each is tested):
 * **Window.** Every call to :meth:`PlateauDetector.update` is one step; a
   window closes on its ``accumulation_steps``-th step. Its value is the mean of
   the *finite* values seen in it. Non-finite values (NaN/Inf) are skipped and
-  counted in ``nonfinite_count``; a window whose values were all non-finite,
+  counted in ``nonfinite_count``; ``window_sd`` is the standard deviation of
+  those values (what the rollback guard's per-step check compares with). A window whose values were all non-finite,
   or whose finite values sum past the float32 range (``|v| ~ 1e38``), is
   *invalid* and changes neither the best value, the plateau count nor the
   cooldown. A diverging run therefore never looks like a plateau, unlike
@@ -50,10 +51,12 @@ class PlateauState(NamedTuple):
     """Plateau-detector state: scalars only, so it jits, shards and checkpoints."""
 
     window_sum: jax.Array  # float32 [], sum of finite values in the open window
+    window_m2: jax.Array  # float32 [], squared deviations in the open window (Welford)
     window_finite: jax.Array  # int32 [], finite values in the open window
     window_step: jax.Array  # int32 [], steps taken in the open window
     windows_completed: jax.Array  # int32 [], windows closed so far
     window_value: jax.Array  # float32 [], mean of the last valid window (NaN before)
+    window_sd: jax.Array  # float32 [], standard deviation of the values in that window
     best_value: jax.Array  # float32 [], best valid window mean (+inf/-inf before)
     plateau_count: jax.Array  # int32 [], consecutive non-improving valid windows
     cooldown_count: jax.Array  # int32 [], valid windows left in cooldown
@@ -120,10 +123,12 @@ class PlateauDetector:
         zero_i = lambda: jnp.zeros([], jnp.int32)  # noqa: E731
         return PlateauState(
             window_sum=jnp.zeros([], jnp.float32),
+            window_m2=jnp.zeros([], jnp.float32),
             window_finite=zero_i(),
             window_step=zero_i(),
             windows_completed=zero_i(),
             window_value=jnp.full([], jnp.nan, jnp.float32),
+            window_sd=jnp.zeros([], jnp.float32),
             best_value=jnp.full([], self.sign * jnp.inf, jnp.float32),
             plateau_count=zero_i(),
             cooldown_count=zero_i(),
@@ -151,6 +156,13 @@ class PlateauDetector:
         value = jnp.asarray(value, jnp.float32)
         finite = jnp.isfinite(value)
         window_sum = state.window_sum + jnp.where(finite, value, 0.0)
+        # Welford's update of the squared deviations: a sum of squares minus the
+        # squared mean would cancel for a loss far from 0 (1000 +- 0.1 in float32).
+        old_count = state.window_finite.astype(jnp.float32)
+        old_mean = jnp.where(old_count > 0, state.window_sum / jnp.maximum(old_count, 1.0), value)
+        new_mean = old_mean + (value - old_mean) / (old_count + 1.0)
+        window_m2 = state.window_m2 + jnp.where(
+            finite, (value - old_mean) * (value - new_mean), 0.0)
         window_finite = state.window_finite + finite.astype(jnp.int32)
         window_step = state.window_step + 1
         nonfinite_count = increment_if(state.nonfinite_count, ~finite)
@@ -161,6 +173,7 @@ class PlateauDetector:
         # window is skipped like an all-non-finite one, so an overflowing,
         # diverging loss is never a "non-improving window" answered with a boost.
         valid = closed & (window_finite > 0) & jnp.isfinite(mean)
+        sd = jnp.sqrt(jnp.maximum(window_m2, 0.0) / jnp.maximum(window_finite, 1).astype(jnp.float32))
         improved = valid & self.is_better(mean, state.best_value)
         in_cooldown = state.cooldown_count > 0
         # A non-improving window counts towards patience only outside cooldown.
@@ -174,10 +187,12 @@ class PlateauDetector:
         )
         new_state = PlateauState(
             window_sum=jnp.where(closed, 0.0, window_sum),
+            window_m2=jnp.where(closed, 0.0, window_m2),
             window_finite=jnp.where(closed, 0, window_finite),
             window_step=jnp.where(closed, 0, window_step),
             windows_completed=increment_if(state.windows_completed, closed),
             window_value=jnp.where(valid, mean, state.window_value),
+            window_sd=jnp.where(valid, jnp.where(jnp.isfinite(sd), sd, 0.0), state.window_sd),
             best_value=jnp.where(improved, mean, state.best_value),
             plateau_count=jnp.where(plateau, 0, plateau_count),
             cooldown_count=jnp.where(plateau, self.cooldown, cooldown_count),

@@ -36,6 +36,10 @@ import jax.numpy as jnp
 from adaptive_optax._validation import check_bool, check_float, check_int
 
 
+class NoSnapshot(NamedTuple):
+    """The snapshot of a guard with ``restore_params=False``: no parameter copy."""
+
+
 class RollbackState(NamedTuple):
     """The snapshot and the guard's counters."""
 
@@ -47,6 +51,9 @@ class RollbackState(NamedTuple):
     snapshot_boost_step: jax.Array  # int32 []
     snapshot_mix_index: jax.Array  # int32 [], mix before the intervention
     snapshot_value: jax.Array  # float32 [], best monitored value before it
+    snapshot_sd: jax.Array  # float32 [], spread of the per-step values in the window that fired
+    probe_sum: jax.Array  # float32 [], sum of (value - snapshot_value) over watched steps
+    probe_count: jax.Array  # int32 [], finite values in probe_sum
     guard_windows_left: jax.Array  # int32 [], windows still watched
     rollback_count: jax.Array  # int32 [], rollbacks so far
 
@@ -91,6 +98,8 @@ class RollbackGuard:
     stop_after_rollback: bool = False
     reset_optimizer: bool = False
     rollback_on_nonfinite: bool = True
+    abort_z: float | None = 3.0
+    restore_params: bool = True
 
     def __post_init__(self):
         check_int("guard_windows", self.guard_windows, minimum=1)
@@ -100,16 +109,23 @@ class RollbackGuard:
         check_bool("stop_after_rollback", self.stop_after_rollback)
         check_bool("reset_optimizer", self.reset_optimizer)
         check_bool("rollback_on_nonfinite", self.rollback_on_nonfinite)
+        if self.abort_z is not None:
+            check_float("abort_z", self.abort_z, low=0.0, high=math.inf, high_open=True)
+        check_bool("restore_params", self.restore_params)
 
     def init(self, params, initial_mix_index: int) -> RollbackState:
         """The guard's state before any intervention."""
         return RollbackState(
-            snapshot_params=jax.tree.map(jnp.array, params),
+            snapshot_params=(jax.tree.map(jnp.array, params) if self.restore_params
+                             else NoSnapshot()),
             snapshot_boost_from=jnp.ones([], jnp.float32),
             snapshot_boost_to=jnp.ones([], jnp.float32),
             snapshot_boost_step=jnp.full([], -1, jnp.int32),
             snapshot_mix_index=jnp.asarray(initial_mix_index, jnp.int32),
             snapshot_value=jnp.full([], jnp.nan, jnp.float32),
+            snapshot_sd=jnp.zeros([], jnp.float32),
+            probe_sum=jnp.zeros([], jnp.float32),
+            probe_count=jnp.zeros([], jnp.int32),
             guard_windows_left=jnp.zeros([], jnp.int32),
             rollback_count=jnp.zeros([], jnp.int32),
         )
@@ -118,3 +134,33 @@ class RollbackGuard:
         """Whether ``value`` is worse than ``reference`` beyond the tolerance."""
         margin = self.rtol * jnp.abs(reference) + self.atol
         return jnp.isfinite(reference) & (sign * value > sign * reference + margin)
+
+    def probe(self, state: RollbackState, value: jax.Array, watching: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+        """Folds one monitored value into the watched steps' excess sum.
+
+        Returns:
+            ``(probe_sum, probe_count)`` after this step (unchanged off the watch
+            and for a non-finite value).
+        """
+        take = watching & jnp.isfinite(value) & jnp.isfinite(state.snapshot_value)
+        excess = jnp.where(take, value - state.snapshot_value, 0.0)
+        return state.probe_sum + excess, state.probe_count + take.astype(jnp.int32)
+
+    def step_worse(self, probe_sum: jax.Array, probe_count: jax.Array, state: RollbackState,
+                   sign: float) -> jax.Array:
+        """The per-step check: the mean since the intervention is significantly worse.
+
+        The mean ``m`` of the ``k`` finite monitored values since the intervention
+        fails when ``sign * (m - best) > rtol * |best| + atol + abort_z * sd / sqrt(k)``,
+        with ``best`` the best window mean before the intervention and ``sd``
+        the spread of the per-step values in the window that fired it: the
+        window test's margin plus a one-sided z-test on ``k`` noisy values.
+        Always False with ``abort_z=None``.
+        """
+        if self.abort_z is None:
+            return jnp.zeros([], jnp.bool_)
+        k = jnp.maximum(probe_count, 1).astype(jnp.float32)
+        margin = (self.rtol * jnp.abs(state.snapshot_value) + self.atol
+                  + self.abort_z * state.snapshot_sd / jnp.sqrt(k))
+        return (probe_count > 0) & (sign * probe_sum / k > margin)

@@ -44,22 +44,23 @@ from adaptive_optax.rollback import RollbackState
 # Leaves of their own, so that optax.tree.get finds each exactly once.
 PUBLIC_FIELDS = ("intervention_count", "grad_norm_ema", "best_value", "plateau_count")
 # The float32 vector, in storage order.
-FLOAT_FIELDS = ("base_learning_rate", "window_sum", "window_value", "grad_norm_acc",
-                "last_grad_norm", "lr_multiplier", "boost_from", "boost_to", "conservatism",
-                "snapshot_boost_from", "snapshot_boost_to", "snapshot_value")
+FLOAT_FIELDS = ("base_learning_rate", "window_sum", "window_m2", "window_value", "window_sd",
+                "grad_norm_acc", "last_grad_norm", "lr_multiplier", "boost_from", "boost_to",
+                "conservatism", "snapshot_boost_from", "snapshot_boost_to", "snapshot_value",
+                "snapshot_sd", "probe_sum")
 # The int32 vector: these scalars (bools as 0/1), then the 2 words of the raw
 # PRNG key, then the planned mix of every intervention (its length is the cap).
 INT_FIELDS = ("step", "window_finite", "window_step", "windows_completed", "cooldown_count",
               "nonfinite_count", "grad_norm_steps", "nonfinite_grad_count", "boost_step",
               "mix_index", "force_final_mix", "snapshot_boost_step", "snapshot_mix_index",
-              "guard_windows_left", "rollback_count")
+              "guard_windows_left", "rollback_count", "probe_count")
 _BOOL_FIELDS = frozenset({"force_final_mix"})
 _KEY_WORDS = 2
 _ROLLBACK_SCALARS = tuple(f for f in RollbackState._fields if f != "snapshot_params")
 # The rollback slots of a state without a guard: finite constants, never read.
 _NO_GUARD = {"snapshot_boost_from": 1.0, "snapshot_boost_to": 1.0, "snapshot_boost_step": -1,
-             "snapshot_value": 0.0, "snapshot_mix_index": 0,
-             "guard_windows_left": 0, "rollback_count": 0}
+             "snapshot_value": 0.0, "snapshot_mix_index": 0, "snapshot_sd": 0.0,
+             "probe_sum": 0.0, "probe_count": 0, "guard_windows_left": 0, "rollback_count": 0}
 
 
 class PlateauEscapeState(NamedTuple):

@@ -147,6 +147,7 @@ def plateau_escape(
     may_reset = bool(policy.plan(max_interventions)[3].any() and max_interventions > 0) or bool(
         rollback is not None and rollback.reset_optimizer)
     track_norm = policy.use_grad_norm or skip_nonfinite_updates
+    restores = rollback is not None and rollback.restore_params
 
     def effective_lr(base: jax.Array, multiplier: jax.Array) -> jax.Array:
         lr = base * multiplier
@@ -201,7 +202,7 @@ def plateau_escape(
         if value.shape != ():
             raise ValueError(f"value must be a scalar, got shape {value.shape}; reduce it "
                              "(e.g. with jnp.mean) before passing it.")
-        if params is None and (may_reset or rollback is not None):
+        if params is None and (may_reset or restores):
             raise ValueError("plateau_escape with an optimizer reset or a rollback guard "
                              "needs params: call tx.update(grads, state, params, value=...).")
 
@@ -229,10 +230,14 @@ def plateau_escape(
         limit = old.intervention_count >= max_interventions
         if rollback is not None:
             watching = guard_state.guard_windows_left > 0
+            probe_sum, probe_count = rollback.probe(guard_state, monitored, watching)
             worse = event.valid & rollback.is_worse(
                 plateau_state.window_value, guard_state.snapshot_value, detector.sign)
             if rollback.rollback_on_nonfinite:
                 worse = worse | (event.closed & ~event.valid)  # no finite value: diverged
+            # Checked every step, so a boost that blows up is undone within a few steps.
+            worse = worse | rollback.step_worse(probe_sum, probe_count, guard_state,
+                                                detector.sign)
             rolled_back = watching & worse
             if rollback.stop_after_rollback:
                 limit = limit | (guard_state.rollback_count > 0) | rolled_back
@@ -276,6 +281,7 @@ def plateau_escape(
             init_params = params
             if rollback is not None and rollback.reset_optimizer:
                 reset = reset | rolled_back
+            if restores and rollback.reset_optimizer:
                 # A rollback returns the model to the snapshot; an optimizer whose
                 # state holds parameter values (schedule-free's z) must start there,
                 # or its next step moves the model back. XLA drops this select for
@@ -290,8 +296,9 @@ def plateau_escape(
         def inner_update():
             return inner.update(updates, inner_in, params, value=value, **extra_args)
 
-        if skip_nonfinite_updates or rollback is not None:
-            keep = ~rolled_back & (grads_finite if skip_nonfinite_updates else True)
+        if skip_nonfinite_updates or restores:
+            keep = (~rolled_back if restores else True) & (
+                grads_finite if skip_nonfinite_updates else True)
             inner_updates, inner_out = update_unless_skipped(keep, inner_update, inner_in)
         else:
             inner_updates, inner_out = inner_update()
@@ -302,12 +309,14 @@ def plateau_escape(
             # new one in place; a select over all parameters, with the restore
             # reading the old snapshot, made it copy params and snapshot every
             # step (2 parameter copies). On GPU/TPU `_either` is that select.
-            snapshot = _either(intervene,
-                               lambda: _typed_like(guard_state.snapshot_params, params),
-                               lambda typed: _typed_like(typed, guard_state.snapshot_params))
-            # On a rollback there is no intervention: this is the old snapshot.
-            restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snapshot, params)
-            inner_updates = optax.tree.where(rolled_back, restore, inner_updates)
+            snapshot = guard_state.snapshot_params
+            if restores:
+                snapshot = _either(intervene,
+                                   lambda: _typed_like(guard_state.snapshot_params, params),
+                                   lambda typed: _typed_like(typed, guard_state.snapshot_params))
+                # On a rollback there is no intervention: this is the old snapshot.
+                restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snapshot, params)
+                inner_updates = optax.tree.where(rolled_back, restore, inner_updates)
             windows_left = jnp.where(event.valid & watching, guard_state.guard_windows_left - 1,
                                      guard_state.guard_windows_left)
             rollback_state = RollbackState(
@@ -322,6 +331,10 @@ def plateau_escape(
                                              guard_state.snapshot_mix_index),
                 snapshot_value=jnp.where(intervene, plateau_state.best_value,
                                          guard_state.snapshot_value),
+                snapshot_sd=jnp.where(intervene, plateau_state.window_sd,
+                                      guard_state.snapshot_sd),
+                probe_sum=jnp.where(intervene | rolled_back, 0.0, probe_sum),
+                probe_count=jnp.where(intervene | rolled_back, 0, probe_count),
                 guard_windows_left=jnp.where(
                     intervene, rollback.guard_windows,
                     jnp.where(rolled_back, 0, windows_left)).astype(jnp.int32),

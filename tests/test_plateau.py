@@ -36,6 +36,23 @@ def test_window_mean_and_first_window_improves():
     assert int(state.window_step) == 0
 
 
+@pytest.mark.parametrize("offset", [0.0, 1000.0])
+def test_window_sd_is_the_spread_of_the_finite_values(offset):
+    # A large offset (a loss far from 0) keeps its small spread in float32.
+    first = offset + np.array([0.5, 0.7, 0.6, 0.4])
+    second = offset + np.array([0.9, np.nan, 0.1, 0.5])
+    state, _ = run(PlateauDetector(accumulation_steps=4), first)
+    np.testing.assert_allclose(state.window_sd, np.std(first), rtol=1e-3)
+    state, _ = run(PlateauDetector(accumulation_steps=4), np.concatenate([first, second]))
+    np.testing.assert_allclose(state.window_sd, np.nanstd(second), rtol=1e-3)
+    assert float(state.window_m2) == 0.0  # reset for the next window
+
+
+def test_window_sd_of_a_one_step_window_is_zero():
+    state, _ = run(PlateauDetector(), [1.0, 3.0])
+    assert float(state.window_sd) == 0.0
+
+
 @pytest.mark.parametrize("patience", [0, 1, 2, 4])
 def test_patience_counts_non_improving_windows(patience):
     # First window sets the best; every later window is flat.

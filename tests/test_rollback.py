@@ -238,7 +238,66 @@ def test_guarded_update_lowers_without_a_conditional_on_gpu_and_tpu():
 @pytest.mark.parametrize("kwargs, name", [
     (dict(guard_windows=0), "guard_windows"), (dict(rtol=-1.0), "rtol"),
     (dict(atol=float("inf")), "atol"), (dict(shrink=1.5), "shrink"),
+    (dict(abort_z=-1.0), "abort_z"), (dict(abort_z=float("nan")), "abort_z"),
 ])
 def test_invalid_guard_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         ao.RollbackGuard(**kwargs)
+
+
+def test_invalid_restore_params_is_a_type_error():
+    with pytest.raises(TypeError, match="restore_params"):
+        ao.RollbackGuard(restore_params="no")
+
+
+# Windows of 8 steps: a plateau at the close of window 2 (step 15) starts the watch.
+NOISY = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0, 1.05, 0.95] * 2
+
+
+def test_the_per_step_check_rolls_back_a_blow_up_before_the_window_closes():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, accumulation_steps=8,
+                           rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))
+    h = run(tx, NOISY + [5.0, 5.0, 5.0, 1.0])
+    assert h[15]["count"] == 1 and h[15]["rollbacks"] == 0
+    # Step 16: one value of 5 against best 1.0 and the firing window's sd ~0.12:
+    # 4.0 > 0.1 + 3 * 0.12, rolled back at once (the window closes at step 23).
+    assert h[16]["rollbacks"] == 1
+    chex.assert_trees_all_close(h[16]["after"], h[15]["before"], atol=1e-6)
+    assert h[16]["lr"] == pytest.approx(BASE)
+
+
+def test_the_per_step_check_tolerates_noise_like_the_firing_window():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, accumulation_steps=8,
+                           rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1))
+    # After the intervention, values as noisy as before (first one 1.3: 0.3 above
+    # the best, within 0.1 + 3 sd at k=1); their running mean stays within the margin.
+    h = run(tx, NOISY + [1.3, 0.9, 1.1, 0.95, 1.05, 1.0, 0.9, 1.0])
+    assert h[15]["count"] == 1
+    assert h[-1]["rollbacks"] == 0
+
+
+def test_without_the_per_step_check_only_the_window_rolls_back():
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, accumulation_steps=8,
+                           rollback=ao.RollbackGuard(guard_windows=2, rtol=0.1, abort_z=None))
+    h = run(tx, NOISY + [5.0] * 8)
+    assert [r["rollbacks"] for r in h[16:]] == [0] * 7 + [1]  # at the window's close
+
+
+def test_a_guard_without_a_parameter_copy_reverts_the_rate_and_mix_only():
+    guard = ao.RollbackGuard(guard_windows=2, rtol=0.1, restore_params=False)
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, rollback=guard)
+    params = {"w": jnp.arange(4.0), "b": jnp.ones((2, 2))}
+    state = tx.init(params)
+    assert jax.tree.leaves(state.rollback_snapshot) == []  # no copy
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(
+        ao.plateau_escape(optax.sgd, BASE).init(params)))
+    h = run(tx, [1.0, 1.0, 1.5, 1.2])
+    assert h[1]["count"] == 1 and h[2]["rollbacks"] == 1
+    assert h[2]["lr"] == pytest.approx(BASE) and h[2]["mix"] == h[0]["mix"]
+    # The rolled-back step applies the inner update at the restored rate (no restore).
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.04 / np.sqrt(8)), params)
+    expected = jax.tree.map(lambda b, g: b - BASE * g, h[2]["before"], grads)
+    chex.assert_trees_all_close(h[2]["after"], expected, rtol=1e-6)
+    # ... and needs no params.
+    updates, _ = tx.update(grads, state, value=jnp.float32(1.0))
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -BASE * g, grads), rtol=1e-6)

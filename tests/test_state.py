@@ -23,8 +23,10 @@ def odd_records(guarded: bool):
     """Records whose values exercise every storage path: NaN, inf, bools, int32
     extremes, counters past 2**24 and PRNG-key words with the high bit set."""
     plateau = PlateauState(
-        window_sum=jnp.float32(1.5), window_finite=jnp.int32(3), window_step=jnp.int32(4),
+        window_sum=jnp.float32(1.5), window_m2=jnp.float32(0.25),
+        window_finite=jnp.int32(3), window_step=jnp.int32(4),
         windows_completed=jnp.int32(2**24 + 1), window_value=jnp.float32(np.nan),
+        window_sd=jnp.float32(0.125),
         best_value=jnp.float32(-np.inf), plateau_count=jnp.int32(7),
         cooldown_count=jnp.int32(1), nonfinite_count=jnp.int32(2**31 - 1))
     grad = GradNormState(grad_norm_ema=jnp.float32(0.04), grad_norm_acc=jnp.float32(1e-30),
@@ -44,6 +46,8 @@ def odd_records(guarded: bool):
                                  snapshot_boost_step=jnp.int32(-7),
                                  snapshot_mix_index=jnp.int32(4),
                                  snapshot_value=jnp.float32(np.nan),
+                                 snapshot_sd=jnp.float32(0.5), probe_sum=jnp.float32(-1.5),
+                                 probe_count=jnp.int32(11),
                                  guard_windows_left=jnp.int32(2), rollback_count=jnp.int32(1))
     return dict(step=jnp.int32(2**24 + 3), base_learning_rate=jnp.float32(1e-3),
                 plateau=plateau, grad_norm=grad, intervention=intervention, rollback=rollback,
