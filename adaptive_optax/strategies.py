@@ -1,8 +1,9 @@
 """Named training strategies, built the same way for the demo, benchmarks and notebooks.
 
-Every strategy is a :func:`adaptive_optax.plateau_escape` around the same
-inner optimizer, so every run has the same state fields (learning rate, loss
-weights, plateau state) and differs only in what happens on a plateau:
+Every strategy is a :func:`adaptive_optax.plateau_escape` around an inner
+optimizer, so every run has the same state fields (learning rate, loss
+weights, plateau state) and the same train step works for all of them; the
+non-intervening ones use ``max_interventions=0`` and only monitor:
 
 =====================  ========================================================
 ``adaptive``           the seed's adaptive policy (grad-norm boosts, random mixes)
@@ -12,22 +13,66 @@ weights, plateau state) and differs only in what happens on a plateau:
                        never-intervening ``plateau_escape`` (factor 0.1;
                        minimises, so ``mode="min"`` only)
 ``constant``           no interventions, constant learning rate
-``cosine``             no interventions, cosine decay over the run
+``cosine``             no interventions, cosine decay over the run to 1 %
 ``sgdr``               no interventions, SGDR warm restarts (4 cycles)
+``warmup-cosine``      no interventions, ``optax.warmup_cosine_decay_schedule``:
+                       linear warm-up over 5 % of the run, cosine decay to 1 %
+``escape-cosine``      ``adaptive`` over the ``cosine`` schedule
+``recommended``        ``plateau_escape`` with the options of
+                       :func:`adaptive_optax.presets.recommended_options`
+``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
+                       rate free; ``learning_rate`` is its multiplier)
+``schedule-free``      no interventions, ``optax.contrib.schedule_free_adamw``
+                       (``schedule_free_sgd`` for ``optimizer=optax.sgd``)
+                       with a constant rate after a 5 % linear warm-up;
+                       evaluate :func:`eval_params`, not the raw parameters
 =====================  ========================================================
+
+Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
+(:func:`schedule_shape`), so ``learning_rate`` may be a traced JAX scalar:
+``jax.vmap`` over learning rates compiles one train step for a whole grid.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
+from adaptive_optax import presets
 from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.policy import InterventionPolicy, adaptive_policy, legacy_policy
 from adaptive_optax.rollback import RollbackGuard
+from adaptive_optax.state import find_state
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
-              "cosine", "sgdr")
+              "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended", "prodigy",
+              "schedule-free")
+
+# The strategies whose plateau_escape intervenes; the others get max_interventions=0.
+INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended")
+
+# plateau_escape options that make_optimizer sets unless the caller (or, for
+# "recommended", the preset) does.
+DEFAULT_OPTIONS = MappingProxyType(dict(patience=2, accumulation_steps=1, cooldown=1, rtol=1e-4,
+                                        max_interventions=3, seed=0))
+
+WARMUP_FRACTION = 0.05  # warm-up of warmup-cosine and schedule-free, a fraction of the run
+END_FRACTION = 0.01  # the decayed schedules end at this fraction of the peak
+SGDR_CYCLES = 4
+
+# schedule-free replaces the inner optimizer's momentum by its own averaging:
+# optax ships a schedule-free variant of these two.
+_SCHEDULE_FREE = {optax.adam: optax.contrib.schedule_free_adamw,
+                  optax.adamw: optax.contrib.schedule_free_adamw,
+                  optax.sgd: optax.contrib.schedule_free_sgd}
 
 
 def policy_for(strategy: str) -> InterventionPolicy:
@@ -35,77 +80,204 @@ def policy_for(strategy: str) -> InterventionPolicy:
     return legacy_policy() if strategy == "legacy" else adaptive_policy()
 
 
+def schedule_shape(strategy: str, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """The strategy's learning-rate schedule for a peak rate of 1.
+
+    The rate at step ``t`` is ``learning_rate * schedule_shape(strategy, T)(t)``;
+    strategies without a schedule get the constant 1.
+
+    Args:
+        strategy: One of :data:`STRATEGIES`.
+        total_steps: Run length ``T >= 1``.
+
+    Returns:
+        A schedule ``step -> float32 scalar``.
+
+    Example:
+        >>> float(schedule_shape("cosine", 100)(100))
+        0.01...
+    """
+    total_steps = check_int("total_steps", total_steps, 1)
+    # optax's warm-ups need >= 1 step and leave >= 1 for what follows.
+    warmup = min(max(1, round(WARMUP_FRACTION * total_steps)), total_steps - 1)
+    if strategy in ("cosine", "escape-cosine"):
+        return optax.cosine_decay_schedule(1.0, total_steps, alpha=END_FRACTION)
+    if strategy == "warmup-cosine" and warmup > 0:
+        return optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, total_steps,
+                                                  end_value=END_FRACTION)
+    if strategy == "warmup-cosine":  # a one-step run
+        return optax.cosine_decay_schedule(1.0, total_steps, alpha=END_FRACTION)
+    if strategy == "sgdr":
+        cycle = max(total_steps // SGDR_CYCLES, 1)
+        return optax.sgdr_schedule([dict(init_value=1.0, peak_value=1.0, decay_steps=cycle,
+                                         warmup_steps=0, end_value=END_FRACTION)] * SGDR_CYCLES)
+    if strategy == "schedule-free" and warmup > 0:
+        return optax.warmup_constant_schedule(0.0, 1.0, warmup)
+    return optax.constant_schedule(1.0)
+
+
+def _check_learning_rate(learning_rate) -> float | jax.Array:
+    """A concrete rate as a checked float; a traced scalar as is (it has no value yet)."""
+    if isinstance(learning_rate, jax.core.Tracer):
+        if learning_rate.shape != () or not jnp.issubdtype(learning_rate.dtype, jnp.floating):
+            raise ValueError("learning_rate must be a float > 0 or a traced float scalar, got "
+                             f"a traced {learning_rate.dtype} array of shape "
+                             f"{learning_rate.shape}.")
+        return learning_rate
+    # A concrete 0-d float array (jnp.float32(1e-3)) counts as a float, as in optax.
+    if (isinstance(learning_rate, (jax.Array, np.ndarray)) and learning_rate.shape == ()
+            and np.issubdtype(learning_rate.dtype, np.floating)):
+        learning_rate = float(learning_rate)
+    return check_float("learning_rate", learning_rate, low=0.0, high=math.inf,
+                       low_open=True, high_open=True)
+
+
+def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTransformation]:
+    """The factory that plateau_escape wraps: ``optimizer``, or the strategy's own."""
+    if strategy == "prodigy":
+        if optimizer is not optax.adam:
+            raise ValueError("strategy 'prodigy' is optax.contrib.prodigy, an Adam-type "
+                             "optimizer of its own; leave optimizer at its default optax.adam, "
+                             f"got optimizer = {optimizer!r}.")
+        return optax.contrib.prodigy
+    if strategy == "schedule-free":
+        factory = _SCHEDULE_FREE.get(optimizer) if callable(optimizer) else None
+        if factory is None:
+            raise ValueError("strategy 'schedule-free' has optax variants of optax.adam, "
+                             "optax.adamw and optax.sgd only; got "
+                             f"optimizer = {optimizer!r}, allowed: {list(_SCHEDULE_FREE)}.")
+        return factory
+    return optimizer
+
+
+def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
+    """:data:`DEFAULT_OPTIONS`, then the preset of ``recommended``, then the caller's."""
+    merged = dict(DEFAULT_OPTIONS)
+    if strategy == "recommended":
+        accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
+        merged.update(presets.recommended_options(accumulation))
+    merged.update({k: v for k, v in options.items() if not (k == "policy" and v is None)})
+    if merged.get("policy") is None:
+        merged["policy"] = policy_for(strategy)
+    if strategy == "adaptive-guard":
+        merged.setdefault("rollback", RollbackGuard())
+    return merged
+
+
 def make_optimizer(
     strategy: str,
-    learning_rate: float,
+    learning_rate: float | jax.Array,
     *,
     total_steps: int,
-    patience: int = 2,
-    accumulation_steps: int = 1,
-    cooldown: int = 1,
-    rtol: float = 1e-4,
-    max_interventions: int = 3,
-    seed: int = 0,
-    policy: InterventionPolicy | None = None,
     optimizer=optax.adam,
-    **kwargs,
+    **options,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the optax transformation of a named strategy.
 
     Args:
         strategy: One of :data:`STRATEGIES`.
-        learning_rate: Base (peak) learning rate.
-        total_steps: Run length, for the cosine and SGDR schedules.
-        patience: Plateau patience in windows.
-        accumulation_steps: Steps per window (one epoch, say).
-        cooldown: Windows of cooldown after an intervention.
-        rtol: Relative improvement a window needs.
-        max_interventions: Cap on interventions.
-        seed: Seed of the mix picks.
-        policy: Overrides the strategy's intervention policy.
-        optimizer: The inner optax optimizer factory.
-        **kwargs: More :func:`plateau_escape` options.
+        learning_rate: Base (peak) learning rate, a float > 0 or a traced JAX
+            float scalar (inside ``jax.jit``/``jax.vmap``: only a concrete
+            value is checked). For ``prodigy`` it is prodigy's
+            ``learning_rate``, the multiplier of its estimated step size
+            (1.0 is prodigy's default). This optax version's prodigy also
+            takes ``estim_lr_coef`` (a factor on the estimate's growth; pass
+            it in ``options``), but only ``learning_rate`` is injected and
+            may be traced, so a rate grid is over the multiplier.
+        total_steps: Run length, for the schedules (``>= 1``).
+        optimizer: The inner optax optimizer factory. ``prodigy`` takes none
+            (leave the default); ``schedule-free`` maps ``optax.adam`` or
+            ``optax.adamw`` to ``schedule_free_adamw`` and ``optax.sgd`` to
+            ``schedule_free_sgd`` (give it no ``momentum``: ``b1`` averages).
+        **options: :func:`plateau_escape` options and the inner optimizer's
+            keywords (``momentum=0.9`` for ``optax.sgd``, say). Unset ones
+            take :data:`DEFAULT_OPTIONS` (patience 2, accumulation_steps 1,
+            cooldown 1, rtol 1e-4, max_interventions 3, seed 0); for
+            ``recommended`` the preset's options come between the defaults
+            and yours. ``policy=None`` is the strategy's policy
+            (:func:`policy_for`). The non-intervening strategies always get
+            ``max_interventions=0``.
 
     Returns:
-        The transformation.
+        The transformation; its state holds a plateau-escape state.
 
     Raises:
-        ValueError: If ``strategy`` is unknown, or ``mode="max"`` is asked of
-            ``reduce-on-plateau``.
+        ValueError: If ``strategy`` is unknown, an argument is out of range,
+            ``mode="max"`` is asked of ``reduce-on-plateau``, or
+            ``optimizer`` does not fit ``prodigy``/``schedule-free``; the
+            message names the argument.
+        TypeError: If a number has the wrong type.
 
     Example:
         >>> tx = make_optimizer("legacy", 1e-3, total_steps=100)
+        >>> tx = make_optimizer("constant", 0.1, total_steps=100, optimizer=optax.sgd,
+        ...                     momentum=0.9)
     """
-    if strategy not in STRATEGIES:
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
     total_steps = check_int("total_steps", total_steps, 1)
-    max_interventions = check_int("max_interventions", max_interventions, 0,
-                                  maximum=MAX_INTERVENTIONS_BOUND)
-    learning_rate = check_float("learning_rate", learning_rate, low=0.0, low_open=True)
-    common = dict(patience=patience, accumulation_steps=accumulation_steps, cooldown=cooldown,
-                  rtol=rtol, seed=seed, policy=policy or policy_for(strategy), optimizer=optimizer, **kwargs)
-    intervening = strategy in ("adaptive", "adaptive-guard", "legacy")
-    if strategy == "adaptive-guard":
-        common.setdefault("rollback", RollbackGuard())
-    if strategy == "reduce-on-plateau" and kwargs.get("mode", "min") != "min":
+    learning_rate = _check_learning_rate(learning_rate)
+    inner = _inner_optimizer(strategy, optimizer)
+    options = _options(strategy, options)
+    options["max_interventions"] = check_int(
+        "max_interventions", options["max_interventions"], 0, maximum=MAX_INTERVENTIONS_BOUND)
+    if strategy not in INTERVENING:
+        options["max_interventions"] = 0
+    if strategy == "reduce-on-plateau" and options.get("mode", "min") != "min":
         # optax's reduce_on_plateau only minimises, and its rtol test
         # (value < (1 - rtol) * best) is wrong for a negated score.
         raise ValueError("strategy 'reduce-on-plateau' minimises the monitored value "
                          "(optax.contrib.reduce_on_plateau has no mode); got "
-                         f"mode = {kwargs['mode']!r}, allowed: 'min'.")
-    schedule = learning_rate
-    if strategy == "cosine":
-        schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.01)
-    elif strategy == "sgdr":
-        cycle = max(total_steps // 4, 1)
-        schedule = optax.sgdr_schedule([dict(init_value=learning_rate, peak_value=learning_rate,
-                                             decay_steps=cycle, warmup_steps=0, end_value=0.01 * learning_rate)] * 4)
-    tx = plateau_escape(learning_rate=schedule,
-                        max_interventions=max_interventions if intervening else 0, **common)
+                         f"mode = {options['mode']!r}, allowed: 'min'.")
+    shape = schedule_shape(strategy, total_steps)
+    # A closure over the rate, not optax's schedule(peak) builders: those test
+    # the peak in Python (warmup_cosine_decay_schedule's `peak_value == 0`),
+    # which a traced rate cannot answer.
+    tx = plateau_escape(inner, lambda step: learning_rate * shape(step), **options)
     if strategy == "reduce-on-plateau":
         # optax cuts when its count *equals* patience; ours acts on window
         # patience + 1, so the two strategies wait equally long.
         tx = optax.chain(tx, optax.contrib.reduce_on_plateau(
-            factor=0.1, patience=patience + 1, cooldown=cooldown, rtol=rtol,
-            atol=kwargs.get("atol", 0.0), accumulation_size=accumulation_steps))
+            factor=0.1, patience=options["patience"] + 1, cooldown=options["cooldown"],
+            rtol=options["rtol"], atol=options.get("atol", 0.0),
+            accumulation_size=options["accumulation_steps"]))
     return tx
+
+
+def eval_params(strategy: str, opt_state: optax.OptState, params):
+    """The parameters to evaluate a strategy's model with.
+
+    Schedule-free trains at the interpolated point ``y`` and evaluates at the
+    average ``x`` (``optax.contrib.schedule_free_eval_params`` of its inner
+    state, found inside the plateau-escape state); every other strategy
+    evaluates ``params`` as they are.
+
+    Args:
+        strategy: One of :data:`STRATEGIES`.
+        opt_state: The optimizer state of :func:`make_optimizer`'s
+            transformation (or one holding it, ``nnx.pure(optimizer.opt_state)``).
+        params: The parameters that state was updated with.
+
+    Returns:
+        A pytree like ``params``.
+
+    Raises:
+        ValueError: If ``strategy`` is unknown, or is ``schedule-free`` and
+            ``opt_state`` holds no schedule-free state.
+
+    Example:
+        >>> tx = make_optimizer("schedule-free", 1e-3, total_steps=10)
+        >>> params = {"w": jnp.ones(2)}
+        >>> eval_params("schedule-free", tx.init(params), params)["w"].tolist()
+        [1.0, 1.0]
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
+    if strategy != "schedule-free":
+        return params
+    inner = optax.tree.get(find_state(opt_state).optimizer_state, "ScheduleFreeState")
+    if inner is None:
+        raise ValueError("eval_params('schedule-free', ...) needs the state of "
+                         "make_optimizer('schedule-free', ...): opt_state holds no "
+                         "ScheduleFreeState.")
+    return optax.contrib.schedule_free_eval_params(inner, params)

@@ -1,5 +1,6 @@
 """Named strategies build the transformations they say."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,7 +19,10 @@ def test_every_strategy_builds_and_exposes_the_state_fields(name):
         _, state = tx.update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0))
     assert optax.tree.get(state, "loss_weights") is not None
     count = int(optax.tree.get(state, "intervention_count"))
-    assert count == (2 if name in ("adaptive", "adaptive-guard", "legacy") else 0)
+    if name == "recommended":  # its preset may warm up or guard the boosts: at least one
+        assert count >= 1
+    else:
+        assert count == (2 if name in strategies.INTERVENING else 0)
 
 
 def test_schedules_change_the_base_rate():
@@ -127,3 +131,190 @@ def test_adaptive_guard_keeps_a_given_rollback_guard(monkeypatch):
     assert seen["rollback"] is guard
     strategies.make_optimizer("adaptive-guard", 1e-3, total_steps=10)
     assert seen["rollback"] == RollbackGuard()
+
+
+# -- the strategies of the learning-rate grid ------------------------------------------------
+
+def _base_rates(tx, steps):
+    """The base rate each of ``steps`` updates used (update ``t`` uses the schedule at ``t``)."""
+    params = {"w": jnp.ones(3)}
+    state, rates = tx.init(params), []
+    update = jax.jit(tx.update)  # eager updates take ~0.1 s each
+    for _ in range(steps):
+        _, state = update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0))
+        rates.append(ao.state_field(state, "base_learning_rate"))
+    return [float(r) for r in rates]
+
+
+def test_warmup_cosine_warms_up_over_5_percent_then_decays_to_1_percent():
+    tx = strategies.make_optimizer("warmup-cosine", 1e-2, total_steps=100)
+    rates = _base_rates(tx, 101)
+    expected = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 5, 100, end_value=1e-4)
+    for t in (0, 2, 5, 50, 100):
+        assert rates[t] == pytest.approx(float(expected(t)), rel=1e-5, abs=1e-12), t
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(1e-2) and rates[100] == pytest.approx(1e-4)
+
+
+def test_escape_cosine_is_adaptive_over_the_cosine_schedule():
+    kwargs = dict(total_steps=20, patience=100)  # no plateau: the base schedule alone
+    assert _base_rates(strategies.make_optimizer("escape-cosine", 1e-2, **kwargs), 20) == \
+        pytest.approx(_base_rates(strategies.make_optimizer("cosine", 1e-2, **kwargs), 20))
+    tx = strategies.make_optimizer("escape-cosine", 1e-2, total_steps=20, patience=0, cooldown=0)
+    rates = _rates_at_interventions(tx, 3)
+    cosine = optax.cosine_decay_schedule(1e-2, 20, alpha=0.01)
+    assert rates[1] == pytest.approx(10 * float(cosine(1)), rel=1e-5)  # boosted (grad norm 0.04)
+
+
+@pytest.mark.parametrize("name", ["constant", "prodigy", "recommended"])
+def test_unscheduled_strategies_keep_the_base_rate(name):
+    rates = _base_rates(strategies.make_optimizer(name, 0.5, total_steps=10, patience=100), 10)
+    assert rates == pytest.approx([0.5] * 10)
+
+
+def test_recommended_takes_the_preset_and_lets_options_override_it(monkeypatch):
+    from adaptive_optax import presets
+
+    seen, calls = {}, []
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    def preset(accumulation_steps):
+        calls.append(accumulation_steps)
+        return dict(accumulation_steps=accumulation_steps, boost_warmup_steps=7, cooldown=3,
+                    rtol=0.25)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    monkeypatch.setattr(presets, "recommended_options", preset)
+    strategies.make_optimizer("recommended", 1e-3, total_steps=10, accumulation_steps=4, rtol=0.1)
+    assert calls == [4]
+    assert seen["boost_warmup_steps"] == 7 and seen["cooldown"] == 3  # the preset's
+    assert seen["rtol"] == 0.1 and seen["accumulation_steps"] == 4  # the caller's
+    assert seen["max_interventions"] == 3 and seen["patience"] == 2  # the defaults
+    seen.clear()
+    strategies.make_optimizer("constant", 1e-3, total_steps=10)
+    assert calls == [4]  # only "recommended" reads the preset
+    assert seen["cooldown"] == 1 and "boost_warmup_steps" not in seen
+
+
+def test_recommended_uses_the_real_preset():
+    from adaptive_optax import presets
+
+    tx = strategies.make_optimizer("recommended", 1e-3, total_steps=10, accumulation_steps=2)
+    state = tx.init({"w": jnp.ones(3)})
+    has_guard = presets.recommended_options(2).get("rollback") is not None
+    assert ("rollback_count" in ao.find_state(state).fields()) == has_guard
+
+
+def test_prodigy_is_optax_contrib_prodigy_with_the_rate_as_its_multiplier():
+    tx = strategies.make_optimizer("prodigy", 0.5, total_steps=10)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    _, state = tx.update({"w": jnp.full(3, 0.1)}, state, params, value=jnp.float32(1.0))
+    assert optax.tree.get(state, "ProdigyState") is not None
+    assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="optimizer = "):
+        strategies.make_optimizer("prodigy", 1.0, total_steps=10, optimizer=optax.sgd)
+
+
+def _schedule_free_run(optimizer=optax.adam, steps=5):
+    tx = strategies.make_optimizer("schedule-free", 1e-1, total_steps=20, optimizer=optimizer)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    for i in range(steps):
+        updates, state = tx.update({"w": jnp.array([0.1, -0.2, 0.3]) * (i + 1)}, state, params,
+                                   value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+@pytest.mark.parametrize("optimizer", [optax.adam, optax.sgd])
+def test_schedule_free_eval_params_are_its_average(optimizer):
+    params, state = _schedule_free_run(optimizer)
+    inner = optax.tree.get(state, "ScheduleFreeState")
+    assert inner is not None
+    evaluated = strategies.eval_params("schedule-free", state, params)
+    np.testing.assert_array_equal(evaluated["w"],
+                                  optax.contrib.schedule_free_eval_params(inner, params)["w"])
+    assert not np.allclose(evaluated["w"], params["w"])
+
+
+def test_schedule_free_warms_up_its_rate():
+    rates = _base_rates(strategies.make_optimizer("schedule-free", 1e-2, total_steps=100), 10)
+    assert rates[0] == 0.0 and rates[5:] == pytest.approx([1e-2] * 5)
+
+
+def test_schedule_free_refuses_other_optimizers():
+    with pytest.raises(ValueError, match="optimizer = "):
+        strategies.make_optimizer("schedule-free", 1e-3, total_steps=10, optimizer=optax.lion)
+
+
+@pytest.mark.parametrize("name", [s for s in strategies.STRATEGIES if s != "schedule-free"])
+def test_eval_params_are_the_params_for_the_other_strategies(name):
+    params = {"w": jnp.ones(3)}
+    state = strategies.make_optimizer(name, 1e-3, total_steps=10).init(params)
+    assert strategies.eval_params(name, state, params) is params
+
+
+def test_eval_params_checks_its_arguments():
+    with pytest.raises(ValueError, match="strategy"):
+        strategies.eval_params("magic", None, {})
+    state = strategies.make_optimizer("constant", 1e-3, total_steps=10).init({"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="ScheduleFreeState"):
+        strategies.eval_params("schedule-free", state, {"w": jnp.ones(3)})
+
+
+def _two_updates(name, learning_rate, optimizer=optax.adam, **kwargs):
+    """Updates and learning rates of two steps (patience 0: the second intervenes)."""
+    tx = strategies.make_optimizer(name, learning_rate, total_steps=6, patience=0, cooldown=0,
+                                   optimizer=optimizer, **kwargs)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    out = []
+    for i in range(2):
+        updates, state = tx.update({"w": jnp.array([0.01, -0.02, 0.03]) * (i + 1)}, state,
+                                   params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+        out.append((updates["w"], optax.tree.get(state, "learning_rate")))
+    return out
+
+
+@pytest.mark.parametrize("name", strategies.STRATEGIES)
+def test_a_traced_rate_under_jit_and_vmap_gives_the_float_rates_updates(name):
+    rates = (1e-3, 3e-2)
+    expected = [_two_updates(name, lr) for lr in rates]
+    vmapped = jax.jit(jax.vmap(lambda lr: _two_updates(name, lr)))(jnp.asarray(rates))
+    for i in range(len(rates)):
+        for step, (updates, lr) in enumerate(expected[i]):
+            np.testing.assert_allclose(vmapped[step][0][i], updates, rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(vmapped[step][1][i], lr, rtol=1e-6)
+
+
+def test_a_traced_rate_with_sgd_momentum():
+    expected = _two_updates("cosine", 0.1, optimizer=optax.sgd, momentum=0.9)
+    traced = jax.jit(lambda lr: _two_updates("cosine", lr, optimizer=optax.sgd,
+                                               momentum=0.9))(jnp.float32(0.1))
+    for (u, lr), (tu, tlr) in zip(expected, traced):
+        np.testing.assert_allclose(tu, u, rtol=1e-6)
+        np.testing.assert_allclose(tlr, lr, rtol=1e-6)
+
+
+def test_learning_rate_is_checked_when_concrete_and_shaped_when_traced():
+    tx = strategies.make_optimizer("constant", jnp.float32(1e-3), total_steps=10)
+    assert float(optax.tree.get(tx.init({"w": jnp.ones(2)}), "learning_rate")) == \
+        pytest.approx(1e-3)
+    for bad in (0.0, -1e-3, float("nan"), jnp.float32(0.0)):
+        with pytest.raises(ValueError, match="learning_rate"):
+            strategies.make_optimizer("cosine", bad, total_steps=10)
+    with pytest.raises(TypeError, match="learning_rate"):
+        strategies.make_optimizer("cosine", "fast", total_steps=10)
+    with pytest.raises(ValueError, match="learning_rate"):
+        jax.jit(lambda lr: strategies.make_optimizer("cosine", lr, total_steps=10).init(
+            {"w": jnp.ones(2)}))(jnp.ones(2))
+
+
+def test_max_interventions_is_checked_for_every_strategy():
+    with pytest.raises(ValueError, match="max_interventions"):
+        strategies.make_optimizer("constant", 1e-3, total_steps=10, max_interventions=-1)
