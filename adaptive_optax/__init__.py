@@ -17,6 +17,7 @@ from adaptive_optax.grad_norm import GradNormState, global_norm
 from adaptive_optax.loop import History, fit
 from adaptive_optax.losses import loss_components, mixed_loss
 from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
+from adaptive_optax import presets
 from adaptive_optax.policy import (
     BALANCED_MIX,
     DEFAULT_INITIAL_MIX,
@@ -66,5 +67,6 @@ __all__ = [
     "make_train_step",
     "mixed_loss",
     "plateau_escape",
+    "presets",
     "state_field",
 ]

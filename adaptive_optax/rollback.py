@@ -122,7 +122,7 @@ class RollbackGuard:
             snapshot_boost_to=jnp.ones([], jnp.float32),
             snapshot_boost_step=jnp.full([], -1, jnp.int32),
             snapshot_mix_index=jnp.asarray(initial_mix_index, jnp.int32),
-            snapshot_value=jnp.full([], jnp.nan, jnp.float32),
+            snapshot_value=jnp.zeros([], jnp.float32),  # read only while watching
             snapshot_sd=jnp.zeros([], jnp.float32),
             probe_sum=jnp.zeros([], jnp.float32),
             probe_count=jnp.zeros([], jnp.int32),

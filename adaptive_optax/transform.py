@@ -48,6 +48,10 @@ from adaptive_optax.state import PlateauEscapeState
 
 # Bound on max_interventions: the per-intervention plan is an array of this length in the state.
 MAX_INTERVENTIONS_BOUND = 10_000
+# The default guard: a boost that makes the monitored value worse is reverted
+# (rate and mix) within steps, without a parameter copy. See docs/design.md
+# ("First, do no harm") for why the seed's unguarded boosts are not the default.
+DEFAULT_GUARD = RollbackGuard(restore_params=False)
 
 
 def plateau_escape(
@@ -64,10 +68,10 @@ def plateau_escape(
     seed: int = 0,
     policy: InterventionPolicy | None = None,
     grad_norm_decay: float = 0.9,
-    boost_warmup_steps: int = 0,
+    boost_warmup_steps: int | None = None,
     boost_decay_steps: int | None = None,
     max_learning_rate: float | None = None,
-    rollback: RollbackGuard | None = None,
+    rollback: RollbackGuard | None = DEFAULT_GUARD,
     skip_nonfinite_updates: bool = True,
     **optimizer_kwargs,
 ) -> optax.GradientTransformationExtraArgs:
@@ -91,11 +95,17 @@ def plateau_escape(
         seed: Seed of the PRNG key kept in the state for random mix picks.
         policy: Boosts, mixes and resets; default :func:`adaptive_policy`.
         grad_norm_decay: Decay of the gradient-norm EMA, in ``[0, 1)``.
-        boost_warmup_steps: Linear ramp into each boost (>= 0 steps).
+        boost_warmup_steps: Linear ramp into each boost (>= 0 steps); ``None``
+            (default): one window, ``accumulation_steps``. ``0`` is the seed's
+            immediate boost.
         boost_decay_steps: ``None`` holds each boost until the next
             intervention; an int >= 1 decays it linearly back to the base.
         max_learning_rate: Optional cap on the effective learning rate (> 0).
-        rollback: Optional :class:`RollbackGuard`; costs one parameter copy.
+        rollback: The :class:`RollbackGuard` that undoes a boost which makes
+            the monitored value worse. Default ``RollbackGuard(restore_params=False)``:
+            reverts the rate and mix within steps, no parameter copy;
+            ``RollbackGuard()`` also restores the parameters (one copy);
+            ``None``: no guard (the seed's behaviour).
         skip_nonfinite_updates: On non-finite gradients, return zero updates,
             keep the inner optimizer state, skip the step's monitored value,
             and count the step in ``nonfinite_grad_count``. The test is on
@@ -129,6 +139,8 @@ def plateau_escape(
     # Checked in float32 too (check_float): a decay that rounds to 1 would freeze the EMA.
     grad_norm_decay = check_float("grad_norm_decay", grad_norm_decay, low=0.0, high=1.0,
                                   high_open=True)
+    if boost_warmup_steps is None:  # one window: the guard sees the rate rise before it peaks
+        boost_warmup_steps = detector.accumulation_steps
     boost_warmup_steps = check_int("boost_warmup_steps", boost_warmup_steps, minimum=0)
     if boost_decay_steps is not None:
         boost_decay_steps = check_int("boost_decay_steps", boost_decay_steps, minimum=1)

@@ -52,7 +52,7 @@ def test_rollback_restores_parameters_rate_and_mix():
 
 def test_after_rollback_next_intervention_is_more_conservative():
     policy = ao.adaptive_policy()
-    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, policy=policy,
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, policy=policy, boost_warmup_steps=0,
                            rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1, shrink=0.5))
     h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0])
     # rollback at step 2 restarts patience; step 3 is non-improving -> intervention 2.
@@ -65,7 +65,7 @@ def test_after_rollback_next_intervention_is_more_conservative():
 def test_after_the_forced_final_mix_later_interventions_follow_the_plan_again():
     # The documented choice: a rollback forces the final mix once, not for the rest of the run.
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0, max_interventions=6, seed=3,
-                           rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
+                           boost_warmup_steps=0, rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
     h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0])
     assert [r["count"] for r in h] == [0, 1, 1, 2, 3, 4, 5]
     plan = np.asarray(ao.state_field(h[0]["state"], "planned_mix_index"))

@@ -93,7 +93,7 @@ def test_fields_are_flat_and_leave_out_an_absent_guard():
 
 
 def test_a_state_without_a_guard_stores_finite_placeholders():
-    state = ao.plateau_escape(optax.adam, 1e-3).init(PARAMS)
+    state = ao.plateau_escape(optax.adam, 1e-3, rollback=None).init(PARAMS)
     floats = dict(zip(st.FLOAT_FIELDS, np.asarray(state.packed_floats)))
     # Only window_value (NaN until the first window) may be non-finite.
     assert {k for k, v in floats.items() if not np.isfinite(v)} == {"window_value"}

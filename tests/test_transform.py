@@ -14,6 +14,7 @@ import adaptive_optax as ao
 from helpers import compiled_update_entry
 
 BASE = 1e-3
+SEED = ao.presets.seed_options()  # the seed's boosts, at once and unguarded, for the rule-by-number tests
 
 
 def grads_with_norm(norm, size=4):
@@ -47,7 +48,7 @@ def lrs_at_interventions(rows):
 
 
 def test_norm_004_flat_loss_gives_base_x10_x7_x5_then_none():
-    tx = ao.plateau_escape(optax.adam, BASE, patience=1, accumulation_steps=3)
+    tx = ao.plateau_escape(optax.adam, BASE, patience=1, accumulation_steps=3, **SEED)
     state, rows = drive(tx, [1.0] * 60)
     np.testing.assert_allclose(lrs_at_interventions(rows), [BASE * 10, BASE * 7, BASE * 5], rtol=1e-6)
     assert rows[-1]["count"] == 3
@@ -66,7 +67,7 @@ def test_last_intervention_switches_to_balanced_mix():
 
 def test_boosts_are_relative_to_the_schedule_not_compounded():
     schedule = optax.linear_schedule(1e-2, 1e-3, transition_steps=20)
-    tx = ao.plateau_escape(optax.sgd, schedule, patience=0, max_interventions=2)
+    tx = ao.plateau_escape(optax.sgd, schedule, patience=0, max_interventions=2, **SEED)
     _, rows = drive(tx, [1.0] * 10)
     # step 1: first intervention (x10); step 2: second (x10 * 0.7 = 7), relative to base(step).
     np.testing.assert_allclose(rows[1]["lr"], float(schedule(1)) * 10, rtol=1e-5)
@@ -76,7 +77,7 @@ def test_boosts_are_relative_to_the_schedule_not_compounded():
 
 def test_boost_uses_grad_norm_bins():
     for norm, boost in [(0.001, 15.0), (0.2, 5.0), (2.0, 3.0)]:
-        tx = ao.plateau_escape(optax.adam, BASE, patience=0, max_interventions=1)
+        tx = ao.plateau_escape(optax.adam, BASE, patience=0, max_interventions=1, **SEED)
         _, rows = drive(tx, [1.0, 1.0], norm=norm)
         np.testing.assert_allclose(rows[1]["lr"], BASE * boost, rtol=1e-5)
 
@@ -147,7 +148,8 @@ def test_max_learning_rate_caps_the_boost():
 
 
 def test_boost_decay_returns_to_base():
-    tx = ao.plateau_escape(optax.adam, BASE, patience=0, max_interventions=1, boost_decay_steps=4)
+    tx = ao.plateau_escape(optax.adam, BASE, patience=0, max_interventions=1, boost_decay_steps=4,
+                           **SEED)
     _, rows = drive(tx, [1.0] * 8)
     np.testing.assert_allclose([r["lr"] for r in rows],
                                [BASE, BASE * 10, BASE * 7.75, BASE * 5.5, BASE * 3.25, BASE, BASE, BASE],
@@ -213,7 +215,7 @@ def test_fields_readable_and_unique_inside_chain(name):
 
 def test_fields_readable_inside_flax_nnx_optimizer():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    tx = ao.plateau_escape(optax.adam, BASE, patience=0)
+    tx = ao.plateau_escape(optax.adam, BASE, patience=0, **SEED)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

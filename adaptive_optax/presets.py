@@ -1,0 +1,63 @@
+"""Named option sets for :func:`~adaptive_optax.plateau_escape`.
+
+* :func:`recommended_options`: what README tells users to start with. These
+  are ``plateau_escape``'s own defaults, spelled out: each boost ramps in over
+  one window, and the default guard reverts a boost whose monitored value
+  turns worse within steps. Chosen so that a run that has already converged at a
+  good rate is not wrecked (docs/design.md, "First, do no harm";
+  ``benchmarks/lr_grid.py``).
+* :func:`seed_options`: the seed trainer's interventions as written, an
+  immediate boost and no guard. Kept to compare with, and for the tests of the
+  seed's rules.
+
+Example:
+    >>> import optax
+    >>> from adaptive_optax import plateau_escape
+    >>> tx = plateau_escape(optax.adam, 1e-3, **seed_options())
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adaptive_optax._validation import check_int
+from adaptive_optax.rollback import RollbackGuard
+
+__all__ = ["recommended_options", "seed_options"]
+
+
+def recommended_options(accumulation_steps: int) -> dict[str, Any]:
+    """``plateau_escape`` keyword options of the recommended configuration.
+
+    Args:
+        accumulation_steps: Steps per plateau window (one epoch, say).
+
+    Returns:
+        A dict of keyword arguments for :func:`adaptive_optax.plateau_escape`
+        (``accumulation_steps`` included); callers may override any of them.
+
+    Raises:
+        ValueError: If ``accumulation_steps`` is not an integer >= 1.
+
+    Example:
+        >>> options = recommended_options(10)
+        >>> options["boost_warmup_steps"], options["rollback"].restore_params
+        (10, False)
+    """
+    accumulation_steps = check_int("accumulation_steps", accumulation_steps, 1)
+    return dict(accumulation_steps=accumulation_steps, boost_warmup_steps=accumulation_steps,
+                rollback=RollbackGuard(restore_params=False))
+
+
+def seed_options() -> dict[str, Any]:
+    """The seed's interventions as written: the boost at once, no guard.
+
+    Returns:
+        ``dict(boost_warmup_steps=0, rollback=None)``, to pass to
+        :func:`adaptive_optax.plateau_escape` with any policy.
+
+    Example:
+        >>> seed_options()
+        {'boost_warmup_steps': 0, 'rollback': None}
+    """
+    return dict(boost_warmup_steps=0, rollback=None)
