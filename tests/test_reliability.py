@@ -35,7 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCUMENTED_NONFINITE = {
     "window_value": "NaN until the first valid window closes",
     "best_value": "+inf (min) / -inf (max) until the first valid window closes",
-    "snapshot_value": "NaN until the rollback guard's first snapshot (first intervention)",
 }
 
 
