@@ -6,9 +6,13 @@ weights, plateau state) and the same train step works for all of them; the
 non-intervening ones use ``max_interventions=0`` and only monitor:
 
 =====================  ========================================================
-``adaptive``           the seed's adaptive policy (grad-norm boosts, random mixes)
-``adaptive-guard``     ``adaptive`` plus the rollback guard
+``adaptive``           the seed's adaptive policy (grad-norm boosts, random
+                       mixes) as the seed wrote it: boosts at once, no guard
+                       (:func:`adaptive_optax.presets.seed_options`)
+``adaptive-guard``     ``adaptive`` plus ``RollbackGuard()`` (restores the
+                       parameters)
 ``legacy``             the seed's old deterministic 10x / 5x / 3x interventions
+                       (boosts at once, no guard)
 ``reduce-on-plateau``  ``optax.contrib.reduce_on_plateau`` chained after a
                        never-intervening ``plateau_escape`` (factor 0.1;
                        minimises, so ``mode="min"`` only)
@@ -17,7 +21,8 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
 ``sgdr``               no interventions, SGDR warm restarts (4 cycles)
 ``warmup-cosine``      no interventions, ``optax.warmup_cosine_decay_schedule``:
                        linear warm-up over 5 % of the run, cosine decay to 1 %
-``escape-cosine``      ``adaptive`` over the ``cosine`` schedule
+``escape-cosine``      ``plateau_escape`` (its defaults: ramped, guarded boosts
+                       of the adaptive policy) over the ``cosine`` schedule
 ``recommended``        ``plateau_escape`` with the options of
                        :func:`adaptive_optax.presets.recommended_options`
 ``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
@@ -56,6 +61,8 @@ STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "cons
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended", "prodigy",
               "schedule-free")
 
+# The strategies that reproduce the seed's rules (an immediate boost; see presets.seed_options).
+_SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended")
 
@@ -94,8 +101,8 @@ def schedule_shape(strategy: str, total_steps: int) -> Callable[[jax.Array], jax
         A schedule ``step -> float32 scalar``.
 
     Example:
-        >>> float(schedule_shape("cosine", 100)(100))
-        0.01...
+        >>> round(float(schedule_shape("cosine", 100)(100)), 6)
+        0.01
     """
     total_steps = check_int("total_steps", total_steps, 1)
     # optax's warm-ups need >= 1 step and leave >= 1 for what follows.
@@ -156,11 +163,13 @@ def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     if strategy == "recommended":
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation))
+    if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded
+        merged.update(presets.seed_options())
+    if strategy == "adaptive-guard":
+        merged["rollback"] = RollbackGuard()
     merged.update({k: v for k, v in options.items() if not (k == "policy" and v is None)})
     if merged.get("policy") is None:
         merged["policy"] = policy_for(strategy)
-    if strategy == "adaptive-guard":
-        merged.setdefault("rollback", RollbackGuard())
     return merged
 
 

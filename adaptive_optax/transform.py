@@ -167,7 +167,7 @@ def plateau_escape(
 
     def init_fn(params) -> PlateauEscapeState:
         base = jnp.asarray(schedule(jnp.zeros([], jnp.int32)), jnp.float32)
-        inner_state = inner.init(params)
+        inner_state = _unaliased(inner.init(params), params)
         inner_state = with_learning_rate(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
         # The key and the plan depend on the seed and the policy only: computed
         # op by op even inside jax.jit(init), they enter its program as
@@ -436,6 +436,18 @@ def _either_with_cond(keep, taken, fallback):
 def _either_with_select(keep, taken, fallback):
     out = taken()
     return optax.tree.where(keep, out, fallback(out))
+
+
+def _unaliased(inner_state, params):
+    """``inner_state`` with its leaves that *are* parameter arrays copied.
+
+    Optimizers that keep parameter values (prodigy's ``params0``, schedule-free's
+    ``z``) return the parameter arrays themselves from ``init``; a train step
+    that donates both the parameters and the state would then donate one
+    buffer twice, which XLA refuses at the first step.
+    """
+    ids = {id(p) for p in jax.tree.leaves(params)}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in ids else x, inner_state)
 
 
 def _typed_like(new, old):

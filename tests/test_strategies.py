@@ -159,10 +159,15 @@ def test_escape_cosine_is_adaptive_over_the_cosine_schedule():
     kwargs = dict(total_steps=20, patience=100)  # no plateau: the base schedule alone
     assert _base_rates(strategies.make_optimizer("escape-cosine", 1e-2, **kwargs), 20) == \
         pytest.approx(_base_rates(strategies.make_optimizer("cosine", 1e-2, **kwargs), 20))
-    tx = strategies.make_optimizer("escape-cosine", 1e-2, total_steps=20, patience=0, cooldown=0)
+    tx = strategies.make_optimizer("escape-cosine", 1e-2, total_steps=20, patience=0, cooldown=0,
+                                   boost_warmup_steps=0)
     rates = _rates_at_interventions(tx, 3)
     cosine = optax.cosine_decay_schedule(1e-2, 20, alpha=0.01)
     assert rates[1] == pytest.approx(10 * float(cosine(1)), rel=1e-5)  # boosted (grad norm 0.04)
+    # By default (plateau_escape's defaults) the boost ramps in over one window (1 step here).
+    ramped = _rates_at_interventions(strategies.make_optimizer(
+        "escape-cosine", 1e-2, total_steps=20, patience=0, cooldown=0), 3)
+    assert ramped[1] == pytest.approx(5.5 * float(cosine(1)), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", ["constant", "prodigy", "recommended"])

@@ -1,5 +1,7 @@
 """plateau_escape end to end: the seed's rules by number, the state contract, jit hygiene."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -510,3 +512,20 @@ def test_inside_multisteps_the_detector_sees_one_value_per_real_step():
         _, state = step(state, jnp.float32(value))
     assert int(ao.state_field(state, "windows_completed")) == 3
     assert float(ao.state_field(state, "window_value")) == 9.0  # the last micro-step's value
+
+
+@pytest.mark.parametrize("factory", [optax.contrib.prodigy, optax.contrib.schedule_free_adamw])
+def test_inner_state_never_aliases_the_parameters(factory):
+    # A donated step with both params and state would donate one buffer twice.
+    params = {"w": jnp.ones(4)}
+    state = ao.plateau_escape(factory, 1e-2).init(params)
+    leaves = {id(x) for x in jax.tree.leaves(state)}
+    assert not leaves & {id(p) for p in jax.tree.leaves(params)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state):
+        tx = ao.plateau_escape(factory, 1e-2)
+        updates, state = tx.update(grads_with_norm(0.1), state, params, value=jnp.float32(1.0))
+        return optax.apply_updates(params, updates), state
+
+    step(params, state)  # raised "Attempt to donate the same buffer twice" before
