@@ -1,0 +1,615 @@
+"""Learning-rate grid: does ``plateau_escape`` get what a tuned schedule gets, without a sweep?
+
+A user picks some learning rate. This benchmark trains every strategy of
+:mod:`adaptive_optax.strategies` at every rate of a grid, for several seeds
+(model init, batch order and the policy's mix picks), with Adam and with SGD
+(momentum 0.9), on several data sets, and reports per data set and
+optimizer:
+
+* ``tuned``: the best final validation Dice over the grid (the mean over
+  seeds at each rate, then the max over rates): what an LR sweep buys;
+* ``grid mean``: the mean of that Dice over the grid, and ``width``: the
+  width in decades of the contiguous range of grid rates, around the best,
+  whose Dice is within 0.01 of the strategy's best (0 = the best rate only):
+  what a rate picked without a sweep gets;
+* interventions (for ``reduce-on-plateau`` its rate cuts), rollbacks and the
+  worst post-intervention jump over all runs: the mean monitored loss of the
+  window after an intervention over the mean of the window that triggered
+  it (``largest_jump`` of ``benchmarks/strategies.py``; the seed's failure
+  0.32 -> 0.65 is 2.0x): whether it hurts a well-tuned run;
+* a per-rate table of the seed-mean Dice; ``--plot`` draws it (one panel per
+  data set and optimizer, the band is the min-max over seeds).
+
+Grids. Adam 1e-4 .. 3e-2 and SGD 1e-3 .. 3e-1 (6 rates, 2.5 decades each).
+``schedule-free`` runs the optimizer's grid times 3 (Defazio et al. 2024 train
+schedule-free at 1-10x the rate of the scheduled baseline) and is evaluated
+at its averaged parameters (``strategies.eval_params``). ``prodigy`` is
+learning-rate free: its grid is over its ``learning_rate``, the multiplier of
+its own step-size estimate (0.03 .. 10, default 1); it is Adam-type, so it is
+trained once and listed in the SGD table too (same numbers). Under SGD,
+``schedule-free`` is ``schedule_free_sgd`` (its ``b1`` averaging replaces the
+momentum). Every other strategy wraps the same optimizer.
+
+Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 16,
+2.6k parameters), 32x32 crops, batch 8, 256 training crops per data set
+(``adaptive_optax.data.load_dataset``: shapes, nuclei, grey_matter by
+default; any name of ``DATASET_NAMES``), evaluated once at the end on the
+held-out validation set. Loss: the mix of dice/focal/variance/bce that the
+optimizer state holds (``loss_weights``); monitored value: the fixed
+reference mix ``policy.initial_mix`` (as ``adaptive_optax.train`` does).
+
+Step budget and plateau settings. 1200 steps: constant Adam at its best rate
+has converged on every default data set by then (the last windows improve the
+monitored loss by < 1%; the output prints that check). Windows
+(``accumulation_steps``) are 1/30 of the run (40 steps); patience 2, cooldown
+1, and ``rtol=1e-3``: a window counts as better only if it beats the best by
+0.1%, so a converged run whose window means wander by sampling noise is seen
+as a plateau -- the case where an intervention could hurt a tuned run.
+
+Speed (measured on 2 CPU cores, see ``--batching``). Each run's step is one
+jitted function of (run state, data, batch order) with the learning rate a
+traced value in the run state, so a strategy compiles once per optimizer and
+data set, and every rate and seed reuses it. Vmapping the seeds and rates
+into one step was measured 3x slower on XLA:CPU than dispatching the same
+jitted step once per run (a vmapped convolution with per-run kernels becomes
+a grouped convolution, slow on CPU): the default on CPU is ``loop``, on
+accelerators ``vmap``. ``lax.scan`` over steps was slower than a Python loop
+here as well (a 20-step scan 2x slower per step for the U-Net, and XLA:CPU
+compiles the scanned step for longer), so steps are dispatched from Python.
+Per-step monitored loss, learning rate, interventions and rollbacks are
+written into on-device arrays inside the step and fetched once at the end.
+A persistent compilation cache (``--compile-cache``) lets data sets of the
+same shapes share a compile.
+
+Run::
+
+    python benchmarks/lr_grid.py                   # the full grid (~55 min on 2 CPU cores)
+    python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
+    python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
+        --strategies constant,cosine,recommended --out grid.json --plot grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# A tiny convolution gains nothing from XLA:CPU's intra-op threads; the runs
+# are spread over host threads instead (drive_runs). Set before jax starts.
+if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import _common as C  # noqa: E402
+from adaptive_optax import data as data_lib  # noqa: E402
+from adaptive_optax.losses import loss_components, mixed_loss  # noqa: E402
+from adaptive_optax.metrics import confusion_counts, dice_iou  # noqa: E402
+from adaptive_optax.strategies import STRATEGIES, eval_params, make_optimizer, policy_for  # noqa: E402
+from adaptive_optax.train import state_readings  # noqa: E402
+from strategies import largest_jump  # noqa: E402  (benchmarks/strategies.py)
+
+ADAM_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+SGD_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+PRODIGY_MULTIPLIERS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+SCHEDULE_FREE_SHIFT = 3.0  # schedule-free's grid is the optimizer's times this
+DEFAULT_DATA = ("shapes", "nuclei", "grey_matter")
+OPTIMIZERS = ("adam", "sgd")
+SGD_MOMENTUM = 0.9
+DICE_TOLERANCE = 0.01  # the "width" counts rates within this of the best Dice
+CONVERGED = 0.01  # constant Adam's last windows must improve by less than this, per window
+CONVERGENCE_WINDOWS = 10  # ... on the trend over this many windows
+HISTORY = ("monitor", "learning_rate", "interventions", "rollbacks")
+
+
+# --------------------------------------------------------------------------- what is run
+
+def rate_grid(strategy: str, optimizer: str, cfg: argparse.Namespace) -> tuple[float, ...]:
+    """The rates (for ``prodigy``: multipliers) a strategy is trained at."""
+    if strategy == "prodigy":
+        return tuple(cfg.rates_prodigy)
+    rates = cfg.rates_adam if optimizer == "adam" else cfg.rates_sgd
+    if strategy == "schedule-free":
+        return tuple(SCHEDULE_FREE_SHIFT * r for r in rates)
+    return tuple(rates)
+
+
+def inner_optimizer(strategy: str, optimizer: str) -> tuple[Callable, dict[str, Any]]:
+    """``(factory, keywords)`` of the optimizer a strategy wraps (see the module docstring)."""
+    if optimizer == "adam" or strategy == "prodigy":
+        return optax.adam, {}
+    if strategy == "schedule-free":  # schedule_free_sgd: its b1 averaging is the momentum
+        return optax.sgd, {}
+    return optax.sgd, {"momentum": SGD_MOMENTUM}
+
+
+def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """int32 ``[steps, batch_size]`` example indices: epochs of shuffled full batches.
+
+    The permutation of epoch ``e`` is ``default_rng([seed, e])``'s, as in
+    :func:`adaptive_optax.data.batches` (the remainder of each epoch dropped).
+    """
+    per_epoch = num_examples // batch_size
+    epochs = -(-steps // per_epoch)
+    order = [np.random.default_rng([seed, e]).permutation(num_examples)[:per_epoch * batch_size]
+             for e in range(epochs)]
+    return np.concatenate(order).reshape(-1, batch_size)[:steps].astype(np.int32)
+
+
+# --------------------------------------------------------------------------- one run's step
+
+class Run(NamedTuple):
+    """One run's device state; the learning rate is a value here, not a constant."""
+
+    rate: jax.Array  # float32 [], the base rate (prodigy: multiplier)
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32 []
+    history: dict[str, jax.Array]  # float32 [steps] each, HISTORY
+
+
+class GridFunctions(NamedTuple):
+    init: Callable  # (rate, params, seed) -> Run
+    step: Callable  # (Run, train data, order [steps, B]) -> Run
+    evaluate: Callable  # (Run, val data) -> confusion counts [C, 3]
+
+
+def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFunctions:
+    """The init, train step and evaluation of one strategy, each traced once for all runs."""
+    factory, keywords = inner_optimizer(strategy, optimizer)
+    policy = policy_for(strategy)
+    reference = dict(policy.initial_mix)
+    names = policy.loss_names
+    options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
+                   patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
+
+    def tx_of(rate, seed=0):
+        # The seed only draws the mix plan at init; it lives in the state after.
+        return make_optimizer(strategy, rate, seed=seed, **options)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def init(rate, params, seed):
+        history = {k: jnp.zeros(cfg.steps, jnp.float32) for k in HISTORY}
+        return Run(rate, params, tx_of(rate, seed).init(params), jnp.zeros([], jnp.int32),
+                   history)
+
+    def step(run: Run, train: data_lib.SegmentationData, order: jax.Array) -> Run:
+        index = order[run.step]
+        images, masks, instances = (a[index] for a in train)
+        weights = optax.tree.get(run.opt_state, "loss_weights")
+
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params, rest)(images)
+            components = loss_components(logits, masks, instances, names=names)
+            return mixed_loss(components, weights), components
+
+        (_, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(run.params)
+        monitor = mixed_loss(components, reference)
+        updates, opt_state = tx_of(run.rate).update(grads, run.opt_state, run.params,
+                                                     value=monitor)
+        readings = state_readings(opt_state)
+        row = dict(monitor=monitor, learning_rate=readings["learning_rate"],
+                   interventions=readings["intervention_count"],
+                   rollbacks=readings.get("rollback_count", 0))
+        history = {k: run.history[k].at[run.step].set(jnp.asarray(row[k], jnp.float32))
+                   for k in HISTORY}
+        return Run(run.rate, optax.apply_updates(run.params, updates), opt_state,
+                   run.step + 1, history)
+
+    def evaluate(run: Run, val: data_lib.SegmentationData) -> jax.Array:
+        params = eval_params(strategy, run.opt_state, run.params)
+        return confusion_counts(nnx.merge(graphdef, params, rest)(val.images), val.masks)
+
+    if cfg.batching == "vmap":  # runs stacked [seed, rate]; the rates share a seed's batches
+        step = jax.vmap(jax.vmap(step, (0, None, None)), (0, None, 0))
+        evaluate = jax.vmap(jax.vmap(evaluate, (0, None)), (0, None))
+    return GridFunctions(init, jax.jit(step, donate_argnums=0), jax.jit(evaluate))
+
+
+# --------------------------------------------------------------------------- one grid
+
+def model_params(seed: int, cfg) -> tuple[Any, Any, Any]:
+    """``(graphdef, params, rest)`` of the benchmark's model for one seed."""
+    model = C.TinyConvNet(cfg.width, rngs=nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param, ...)
+
+
+def drive_runs(step: Callable, runs: list[list[Run]], train, orders, steps: int,
+               threads: int) -> None:
+    """Steps every run of ``runs[seed][rate]`` ``steps`` times, in place.
+
+    The runs are independent, so ``threads`` host threads each drive a share
+    of them from start to end: XLA:CPU runs a program this small on the
+    thread that dispatches it, one at a time per thread. The first step of
+    every run is taken on this thread, so the step compiles once.
+    """
+    jobs = [(i, j) for i, row in enumerate(runs) for j in range(len(row))]
+
+    def drive(share, count):
+        for _ in range(count):
+            for i, j in share:
+                runs[i][j] = step(runs[i][j], train, orders[i])
+
+    drive(jobs, 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(drive, [jobs[k::threads] for k in range(threads)],
+                      [steps - 1] * threads))
+
+
+def train_grid(strategy: str, optimizer: str, train, val, cfg) -> dict[str, Any]:
+    """Trains one strategy at every rate and seed; returns finals and histories (host)."""
+    rates = rate_grid(strategy, optimizer, cfg)
+    seeds = list(range(cfg.seeds))
+    graphdef, _, rest = model_params(0, cfg)
+    fns = grid_functions(strategy, optimizer, graphdef, rest, cfg)
+    train = data_lib.SegmentationData(*map(jnp.asarray, train))
+    val = data_lib.SegmentationData(*map(jnp.asarray, val))
+    orders = [jnp.asarray(batch_order(train.images.shape[0], cfg.batch_size, cfg.steps, s))
+              for s in seeds]
+    started = time.perf_counter()
+    runs = [[fns.init(jnp.float32(r), model_params(s, cfg)[1], s) for r in rates] for s in seeds]
+    if cfg.batching == "vmap":
+        stacked = jax.tree.map(lambda *x: jnp.stack(x), *[jax.tree.map(
+            lambda *y: jnp.stack(y), *row) for row in runs])
+        for _ in range(cfg.steps):
+            stacked = fns.step(stacked, train, jnp.stack(orders))
+        counts, history = fns.evaluate(stacked, val), stacked.history
+    else:
+        drive_runs(fns.step, runs, train, orders, cfg.steps, cfg.threads)
+        counts = jnp.stack([jnp.stack([fns.evaluate(run, val) for run in row]) for row in runs])
+        history = {k: jnp.stack([jnp.stack([run.history[k] for run in row]) for row in runs])
+                   for k in HISTORY}
+    counts, history = jax.device_get((counts, history))  # the one transfer of the grid
+    seconds = time.perf_counter() - started
+    dice = np.array([[float(dice_iou(c)[0].mean()) for c in row] for row in counts])
+    return dict(strategy=strategy, optimizer=optimizer, rates=list(rates), seeds=seeds,
+                final_dice=dice.T.tolist(),  # [rate][seed]
+                history={k: np.transpose(v, (1, 0, 2)) for k, v in history.items()},
+                seconds=seconds)
+
+
+# --------------------------------------------------------------------------- summaries
+
+def intervention_steps(strategy: str, history: dict[str, np.ndarray]) -> list[int]:
+    """Steps whose update intervened (for ``reduce-on-plateau``: cut the rate), one run."""
+    if strategy == "reduce-on-plateau":
+        lr = history["learning_rate"]
+        return [i for i in range(1, len(lr)) if lr[i] < 0.5 * lr[i - 1]]
+    count = history["interventions"]
+    return [i for i in range(1, len(count)) if count[i] > count[i - 1]]
+
+
+def run_summaries(result: dict, window: int) -> dict[str, np.ndarray]:
+    """Per-run interventions, rollbacks and largest jump, ``[rate, seed]`` each."""
+    shape = np.shape(result["final_dice"])
+    out = {k: np.full(shape, np.nan) for k in ("interventions", "rollbacks", "jump")}
+    for r, s in np.ndindex(*shape):
+        run = {k: v[r, s] for k, v in result["history"].items()}
+        steps = intervention_steps(result["strategy"], run)
+        jump = largest_jump(run["monitor"], steps, window)
+        out["interventions"][r, s] = len(steps)
+        out["rollbacks"][r, s] = run["rollbacks"][-1]
+        out["jump"][r, s] = np.nan if jump is None else jump
+    return out
+
+
+def tolerance_width(rates: Sequence[float], dice: np.ndarray) -> float:
+    """Decades spanned by the contiguous rates around the best within DICE_TOLERANCE of it."""
+    best = int(np.nanargmax(dice))
+    ok = dice >= dice[best] - DICE_TOLERANCE
+    lo = hi = best
+    while lo > 0 and ok[lo - 1]:
+        lo -= 1
+    while hi < len(rates) - 1 and ok[hi + 1]:
+        hi += 1
+    return math.log10(rates[hi] / rates[lo])
+
+
+def summary_row(result: dict, window: int) -> list:
+    """One row of the summary table."""
+    dice = np.nan_to_num(np.asarray(result["final_dice"]), nan=0.0).mean(axis=1)
+    runs = run_summaries(result, window)
+    best = int(np.argmax(dice))
+    jumps = runs["jump"][np.isfinite(runs["jump"])]
+    return [result["strategy"], float(dice[best]), f"{result['rates'][best]:g}",
+            float(dice.mean()), float(tolerance_width(result["rates"], dice)),
+            float(runs["interventions"].mean()), float(runs["rollbacks"].mean()),
+            float(jumps.max()) if jumps.size else "-", float(result["seconds"])]
+
+
+SUMMARY_HEADERS = ["strategy", "tuned dice", "best rate", "grid mean", "width (dec)",
+                   "interv.", "rollb.", "jump max", "s/grid"]
+
+
+def print_tables(title: str, results: dict[str, dict], cfg) -> None:
+    """The summary table and the per-rate tables (one per distinct rate grid)."""
+    rows = [summary_row(r, cfg.window) for r in results.values()]
+    C.print_table(title, SUMMARY_HEADERS, rows)
+    grids: dict[tuple, list[dict]] = {}
+    for r in results.values():
+        grids.setdefault(tuple(r["rates"]), []).append(r)
+    for rates, group in grids.items():
+        headers = ["strategy"] + [f"{x:g}" for x in rates]
+        per_rate = [[r["strategy"]] + [float(np.mean(d)) for d in r["final_dice"]] for r in group]
+        unit = "multiplier" if all(r["strategy"] == "prodigy" for r in group) else "rate"
+        C.print_table(f"{title}: final validation Dice (mean over seeds) per {unit}", headers,
+                      per_rate)
+
+
+def window_means(monitor: np.ndarray, window: int) -> np.ndarray:
+    """Per-window means of a per-step series (the last partial window dropped)."""
+    n = len(monitor) // window
+    return monitor[:n * window].reshape(n, window).mean(axis=1)
+
+
+def convergence(result: dict, window: int) -> dict[str, Any]:
+    """Whether constant training at its best rate has converged by the end of the run.
+
+    Window means of the monitored loss (mean over seeds) are noisy (a few %
+    from window to window: every batch is a fresh draw), so the check is a
+    trend: the least-squares slope over the last CONVERGENCE_WINDOWS windows,
+    as a fraction of their mean, is the relative improvement per window; it
+    must be below CONVERGED. ``last_improvements`` are the raw relative
+    improvements of the last three windows on the one before each.
+    """
+    dice = np.asarray(result["final_dice"]).mean(axis=1)
+    best = int(np.nanargmax(dice))
+    means = window_means(np.nanmean(result["history"]["monitor"][best], axis=0), window)
+    tail = means[-CONVERGENCE_WINDOWS:]
+    slope = np.polyfit(np.arange(len(tail)), tail, 1)[0] if len(tail) > 1 else 0.0
+    per_window = float(-slope / np.mean(tail))
+    last = [float((means[i - 1] - means[i]) / means[i - 1])
+            for i in range(max(1, len(means) - 3), len(means))]
+    return dict(rate=result["rates"][best], windows=len(tail), per_window=per_window,
+                last_improvements=last, converged=bool(per_window < CONVERGED),
+                window_means=means.tolist())
+
+
+def print_convergence(title: str, check: dict) -> None:
+    last = ", ".join(f"{100 * x:+.2f}%" for x in check["last_improvements"])
+    print(f"\n# convergence of constant at its best rate {check['rate']:g} ({title}): over the "
+          f"last {check['windows']} windows the monitored loss improves by "
+          f"{100 * check['per_window']:+.2f}% per window (trend; < {100 * CONVERGED:g}%: "
+          f"{'yes' if check['converged'] else 'NO'}); the last windows, raw: {last}")
+
+
+# --------------------------------------------------------------------------- plot
+
+def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
+    """Final validation Dice vs base rate, one panel per (data set, optimizer).
+
+    Prodigy has no base rate: it is drawn as a horizontal line at its Dice at
+    its default multiplier 1 (or the grid's middle multiplier).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data_names = sorted({d for d, _ in panels})
+    optimizers = sorted({o for _, o in panels})
+    fig, axes = plt.subplots(len(data_names), len(optimizers), squeeze=False,
+                             figsize=(6 * len(optimizers), 4 * len(data_names)))
+    for (data_name, optimizer), results in panels.items():
+        ax = axes[data_names.index(data_name)][optimizers.index(optimizer)]
+        for i, (strategy, r) in enumerate(results.items()):
+            dice = np.asarray(r["final_dice"])
+            color = plt.cm.tab20(i % 20)
+            if strategy == "prodigy":
+                rates = r["rates"]
+                at = rates.index(1.0) if 1.0 in rates else len(rates) // 2
+                ax.axhline(dice[at].mean(), color=color, ls="--",
+                           label=f"prodigy (x{rates[at]:g})")
+                continue
+            ax.plot(r["rates"], dice.mean(axis=1), marker="o", ms=3, color=color, label=strategy)
+            ax.fill_between(r["rates"], dice.min(axis=1), dice.max(axis=1), color=color,
+                            alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("base learning rate")
+        ax.set_ylabel("final validation Dice")
+        ax.set_title(f"{data_name}, {optimizer}")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"\nwrote {path}")
+
+
+# --------------------------------------------------------------------------- main
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 1 seed, 2 rates, 40 steps, 3 strategies, shapes, adam")
+    parser.add_argument("--strategies", type=_names, default=None,
+                        help="comma-separated subset of " + ",".join(STRATEGIES) + " (default all)")
+    parser.add_argument("--rates-adam", type=_floats, default=None,
+                        help="Adam's rate grid (default " + ",".join(map(str, ADAM_RATES)) + ")")
+    parser.add_argument("--rates-sgd", type=_floats, default=None,
+                        help="SGD's rate grid (default " + ",".join(map(str, SGD_RATES)) + ")")
+    parser.add_argument("--rates-prodigy", type=_floats, default=None,
+                        help="prodigy's multipliers (default "
+                             + ",".join(map(str, PRODIGY_MULTIPLIERS)) + ")")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per rate (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default 1000)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="steps per plateau window (default steps // 30)")
+    parser.add_argument("--data", type=_names, default=None,
+                        help="comma-separated data sets from "
+                             f"{','.join(data_lib.DATASET_NAMES)} (default "
+                             f"{','.join(DEFAULT_DATA)})")
+    parser.add_argument("--optimizers", type=_names, default=None,
+                        help="comma-separated subset of adam,sgd (default both)")
+    parser.add_argument("--patience", type=int, default=None, help="default 2 (quick 0)")
+    parser.add_argument("--cooldown", type=int, default=1)
+    parser.add_argument("--rtol", type=float, default=1e-3)
+    parser.add_argument("--width", type=int, default=8, help="conv net width")
+    parser.add_argument("--size", type=int, default=32, help="crop size")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-train", type=int, default=None,
+                        help="training crops (default 256, quick 64)")
+    parser.add_argument("--batching", choices=("auto", "loop", "vmap"), default="auto",
+                        help="one jitted step per run (loop, faster on CPU) or all runs in one "
+                             "vmapped step (vmap); auto: loop on CPU, vmap elsewhere")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="host threads driving the runs with --batching loop "
+                             "(default: the CPU count)")
+    parser.add_argument("--compile-cache", default="tmp",
+                        help="persistent compilation cache: 'tmp' (default), 'off' or a directory")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="save the Dice-vs-rate plot here")
+    cfg = parser.parse_args(argv)
+    quick = dict(strategies=["constant", "recommended", "schedule-free"], rates_adam=[1e-3, 1e-2],
+                 rates_sgd=[1e-2, 1e-1], rates_prodigy=[0.3, 1.0], seeds=1, steps=40, window=4,
+                 data=["shapes"], optimizers=["adam"], patience=0, num_train=64)
+    full = dict(strategies=list(STRATEGIES), rates_adam=list(ADAM_RATES),
+                rates_sgd=list(SGD_RATES), rates_prodigy=list(PRODIGY_MULTIPLIERS), seeds=3,
+                steps=1000, window=None, data=list(DEFAULT_DATA), optimizers=list(OPTIMIZERS),
+                patience=2, num_train=256)
+    for key, value in (quick if cfg.quick else full).items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.window is None:
+        cfg.window = max(1, cfg.steps // 30)
+    _check(parser, cfg)
+    if cfg.batching == "auto":
+        cfg.batching = "loop" if jax.default_backend() == "cpu" else "vmap"
+    return cfg
+
+
+def _check(parser: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
+    """Rejects bad flags under their own names before anything is trained."""
+    for flag, names, allowed in (("--strategies", cfg.strategies, STRATEGIES),
+                                 ("--data", cfg.data, data_lib.DATASET_NAMES),
+                                 ("--optimizers", cfg.optimizers, OPTIMIZERS)):
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            parser.error(f"{flag} must be a comma-separated subset of {','.join(allowed)}, "
+                         f"got {','.join(names) or 'nothing'}")
+    for flag, rates in (("--rates-adam", cfg.rates_adam), ("--rates-sgd", cfg.rates_sgd),
+                        ("--rates-prodigy", cfg.rates_prodigy)):
+        if not rates or any(not (r > 0 and math.isfinite(r)) for r in rates):
+            parser.error(f"{flag} must be rates > 0, got {rates}")
+        if list(rates) != sorted(set(rates)):
+            parser.error(f"{flag} must be increasing, got {rates}")
+    for flag, value, low in (("--seeds", cfg.seeds, 1), ("--steps", cfg.steps, 2),
+                             ("--window", cfg.window, 1), ("--patience", cfg.patience, 0),
+                             ("--cooldown", cfg.cooldown, 0), ("--width", cfg.width, 1),
+                             ("--size", cfg.size, 3), ("--batch-size", cfg.batch_size, 1),
+                             ("--threads", cfg.threads, 1)):
+        if value < low:
+            parser.error(f"{flag} must be >= {low}, got {value}")
+    if cfg.num_train < cfg.batch_size:
+        parser.error(f"--num-train must be >= --batch-size {cfg.batch_size}, got {cfg.num_train}")
+    if not 0 <= cfg.rtol < 1:
+        parser.error(f"--rtol must be in [0, 1), got {cfg.rtol}")
+
+
+def load(name: str, cfg) -> tuple[Any, Any] | None:
+    """``(train, val)`` of a data set, or None (printed) if its extra is not installed."""
+    kwargs = dict(size=cfg.size, num_train=cfg.num_train)
+    if name == "shapes":  # the crop sets tile a fixed held-out region instead
+        kwargs["num_val"] = 64
+    try:
+        return data_lib.load_dataset(name, **kwargs)
+    except ImportError as err:
+        print(f"\n## {name}: skipped ({err})")
+        return None
+
+
+def set_compile_cache(setting: str):
+    """Turns the persistent compilation cache on; returns a TemporaryDirectory to clean up."""
+    if setting == "off":
+        return None
+    tmp = tempfile.TemporaryDirectory(prefix="jax_cache_") if setting == "tmp" else None
+    jax.config.update("jax_compilation_cache_dir", tmp.name if tmp else setting)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return tmp
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    tmp = set_compile_cache(cfg.compile_cache)
+    env = C.print_header("learning-rate grid: strategies x rates x seeds", timed=False)
+    print(f"# settings: {', '.join(f'{k}={v}' for k, v in sorted(vars(cfg).items()))}")
+    print(f"# model: TinyConvNet width {cfg.width} "
+          f"({C.count(model_params(0, cfg)[1])} params), {cfg.size}x{cfg.size} crops, batch "
+          f"{cfg.batch_size}; {cfg.steps} steps, windows of {cfg.window}, patience "
+          f"{cfg.patience}, cooldown {cfg.cooldown}, rtol {cfg.rtol:g}; batching {cfg.batching}")
+    started = time.perf_counter()
+    out: dict[str, Any] = {"environment": env, "args": vars(cfg), "results": {},
+                           "convergence": {}}
+    panels: dict[tuple[str, str], dict[str, dict]] = {}
+    for data_name in cfg.data:
+        loaded = load(data_name, cfg)
+        if loaded is None:
+            continue
+        train, val = loaded
+        print(f"\n# {data_name}: {train.images.shape[0]} train / {val.images.shape[0]} val "
+              f"crops of {cfg.size}x{cfg.size}", flush=True)
+        shared: dict[str, dict] = {}  # prodigy is Adam-type: trained once per data set
+        for optimizer in cfg.optimizers:
+            results = {}
+            for strategy in cfg.strategies:
+                if strategy == "prodigy" and "prodigy" in shared:
+                    results[strategy] = shared["prodigy"]
+                    continue
+                r = train_grid(strategy, optimizer, train, val, cfg)
+                results[strategy] = shared.setdefault(strategy, r) if strategy == "prodigy" else r
+                best = np.asarray(r["final_dice"]).mean(axis=1)
+                print(f"  {data_name} {optimizer} {strategy:17s} dice per rate "
+                      f"{' '.join(f'{d:.3f}' for d in best)} ({r['seconds']:.1f} s)", flush=True)
+            title = f"{data_name}, {optimizer}"
+            print_tables(title, results, cfg)
+            if "prodigy" in results and optimizer != "adam":
+                print("(prodigy is Adam-type: the same runs as in the adam table)")
+            if "constant" in results:
+                check = convergence(results["constant"], cfg.window)
+                print_convergence(title, check)
+                out["convergence"][title] = check
+            out["results"].setdefault(data_name, {})[optimizer] = {
+                s: {k: v for k, v in r.items() if k != "history"}
+                | {"summary": dict(zip(SUMMARY_HEADERS, summary_row(r, cfg.window))),
+                   "runs": {k: np.where(np.isfinite(v), v, None).tolist()  # [rate][seed]
+                            for k, v in run_summaries(r, cfg.window).items()},
+                   "monitor_window_means": [[window_means(m, cfg.window).tolist() for m in row]
+                                            for row in r["history"]["monitor"]]}
+                for s, r in results.items()}
+            panels[(data_name, optimizer)] = results
+    if cfg.plot and panels:
+        plot(cfg.plot, panels)
+    out["elapsed_s"] = time.perf_counter() - started
+    print(f"\nelapsed: {out['elapsed_s']:.1f} s")
+    C.write_json(cfg.out, out)
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
