@@ -20,50 +20,61 @@ optimizer:
 * a per-rate table of the seed-mean Dice; ``--plot`` draws it (one panel per
   data set and optimizer, the band is the min-max over seeds).
 
-Grids. Adam 1e-4 .. 3e-2 and SGD 1e-3 .. 3e-1 (6 rates, 2.5 decades each).
-``schedule-free`` runs the optimizer's grid times 3 (Defazio et al. 2024 train
-schedule-free at 1-10x the rate of the scheduled baseline) and is evaluated
-at its averaged parameters (``strategies.eval_params``). ``prodigy`` is
-learning-rate free: its grid is over its ``learning_rate``, the multiplier of
-its own step-size estimate (0.03 .. 10, default 1); it is Adam-type, so it is
-trained once and listed in the SGD table too (same numbers). Under SGD,
+Grids. Adam 3e-4 .. 1e-1 and SGD 3e-3 .. 1 (6 rates, 2.5 decades each;
+chosen so that constant training's best rate lies inside the grid on every
+default data set, and the top rate is too high). ``schedule-free`` runs the
+optimizer's grid times 3 (Defazio et al. 2024 train schedule-free at 1-10x
+the rate of the scheduled baseline) and is evaluated at its averaged
+parameters (``strategies.eval_params``). ``prodigy`` is learning-rate free:
+its grid is over its ``learning_rate``, the multiplier of its own step-size
+estimate (0.03 .. 10, default 1); it is Adam-type, so it is trained once per
+data set and listed in the SGD table too (same runs). Under SGD,
 ``schedule-free`` is ``schedule_free_sgd`` (its ``b1`` averaging replaces the
 momentum). Every other strategy wraps the same optimizer.
 
-Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 16,
-2.6k parameters), 32x32 crops, batch 8, 256 training crops per data set
-(``adaptive_optax.data.load_dataset``: shapes, nuclei, grey_matter by
-default; any name of ``DATASET_NAMES``), evaluated once at the end on the
-held-out validation set. Loss: the mix of dice/focal/variance/bce that the
-optimizer state holds (``loss_weights``); monitored value: the fixed
-reference mix ``policy.initial_mix`` (as ``adaptive_optax.train`` does).
+Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 8,
+737 parameters; width 16, 2.6k parameters, costs 1.3x per step and does not
+fit the budget below at a converged step count), 32x32 crops, batch 8, 256
+training crops per data set (``adaptive_optax.data.load_dataset``: shapes,
+nuclei, grey_matter by default; any name of ``DATASET_NAMES``), evaluated
+once at the end on the held-out validation set. Loss: the mix of
+dice/focal/variance/bce that the optimizer state holds (``loss_weights``);
+monitored value: the fixed reference mix ``policy.initial_mix`` (as
+``adaptive_optax.train`` does).
 
-Step budget and plateau settings. 1200 steps: constant Adam at its best rate
-has converged on every default data set by then (the last windows improve the
-monitored loss by < 1%; the output prints that check). Windows
-(``accumulation_steps``) are 1/30 of the run (40 steps); patience 2, cooldown
-1, and ``rtol=1e-3``: a window counts as better only if it beats the best by
-0.1%, so a converged run whose window means wander by sampling noise is seen
-as a plateau -- the case where an intervention could hurt a tuned run.
+Step budget and plateau settings. 1000 steps: constant Adam at its best rate
+has converged on the default data sets by then (the trend of the last 10
+windows improves the monitored loss by < 1% per window: -0.1% shapes, 0.6%
+nuclei, 0.8% grey_matter when the budget was chosen; at 600 steps
+grey_matter still improved by ~2% per window; the output prints the check).
+Windows (``accumulation_steps``) are 1/30 of the run (33 steps); patience 2,
+cooldown 1, and ``rtol=1e-3`` (for ``recommended`` unless its preset sets
+them): a window counts as better only if it beats the best by 0.1%, so a converged run whose window means wander by sampling noise
+(a few % per window here) is seen as a plateau -- the case where an
+intervention could hurt a tuned run.
 
-Speed (measured on 2 CPU cores, see ``--batching``). Each run's step is one
-jitted function of (run state, data, batch order) with the learning rate a
-traced value in the run state, so a strategy compiles once per optimizer and
-data set, and every rate and seed reuses it. Vmapping the seeds and rates
-into one step was measured 3x slower on XLA:CPU than dispatching the same
-jitted step once per run (a vmapped convolution with per-run kernels becomes
-a grouped convolution, slow on CPU): the default on CPU is ``loop``, on
-accelerators ``vmap``. ``lax.scan`` over steps was slower than a Python loop
-here as well (a 20-step scan 2x slower per step for the U-Net, and XLA:CPU
-compiles the scanned step for longer), so steps are dispatched from Python.
-Per-step monitored loss, learning rate, interventions and rollbacks are
-written into on-device arrays inside the step and fetched once at the end.
-A persistent compilation cache (``--compile-cache``) lets data sets of the
-same shapes share a compile.
+Speed (2 CPU cores). Each run's step is one jitted function of (run state,
+data, batch order) with the learning rate a traced value in the run state,
+so a strategy compiles once per optimizer and data set and every rate and
+seed reuses it. Measured for a 150-step grid of 18 runs: vmapping the seeds
+and rates into one step took 40.8 s, dispatching the same jitted step once
+per run 13.6 s (a vmapped convolution with per-run kernels becomes a grouped
+convolution, slow on XLA:CPU), with identical results; so ``--batching`` is
+``loop`` on CPU and ``vmap`` elsewhere. A ``lax.fori_loop`` of 10 steps per
+call ran at 10.2 ms per step against 3.6 ms for the Python loop, so steps are
+dispatched from Python. XLA:CPU runs a program this small on the thread that
+dispatches it and its intra-op threads do not speed up the tiny convolutions,
+so intra-op threading is off and ``--threads`` host threads each drive a
+share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
+one grid is ~65 CPU-seconds, the full run (69 grids: prodigy is shared by
+both optimizers) ~40 min on 2 idle cores. Per-step monitored loss, learning
+rate, interventions and rollbacks are written into on-device arrays inside
+the step and fetched once per grid. A persistent compilation cache
+(``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::
 
-    python benchmarks/lr_grid.py                   # the full grid (~55 min on 2 CPU cores)
+    python benchmarks/lr_grid.py                   # the full grid (~40 min on 2 idle cores)
     python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
     python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
         --strategies constant,cosine,recommended --out grid.json --plot grid.png
@@ -97,6 +108,7 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import data as data_lib  # noqa: E402
+from adaptive_optax import presets  # noqa: E402
 from adaptive_optax.losses import loss_components, mixed_loss  # noqa: E402
 from adaptive_optax.metrics import confusion_counts, dice_iou  # noqa: E402
 from adaptive_optax.strategies import STRATEGIES, eval_params, make_optimizer, policy_for  # noqa: E402
@@ -176,6 +188,9 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
     names = policy.loss_names
     options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
                    patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
+    if strategy == "recommended":  # the preset is under test: its own settings win
+        preset = presets.recommended_options(cfg.window)
+        options = {k: v for k, v in options.items() if k not in preset}
 
     def tx_of(rate, seed=0):
         # The seed only draws the mix plan at init; it lives in the state after.
@@ -561,9 +576,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({C.count(model_params(0, cfg)[1])} params), {cfg.size}x{cfg.size} crops, batch "
           f"{cfg.batch_size}; {cfg.steps} steps, windows of {cfg.window}, patience "
           f"{cfg.patience}, cooldown {cfg.cooldown}, rtol {cfg.rtol:g}; batching {cfg.batching}")
+    # "recommended" is whatever the preset says today: record it with the results.
+    preset = {k: repr(v) for k, v in presets.recommended_options(cfg.window).items()}
+    print(f"# recommended = plateau_escape(**{preset})")
     started = time.perf_counter()
-    out: dict[str, Any] = {"environment": env, "args": vars(cfg), "results": {},
-                           "convergence": {}}
+    out: dict[str, Any] = {"environment": env, "args": vars(cfg), "recommended_options": preset,
+                           "results": {}, "convergence": {}}
     panels: dict[tuple[str, str], dict[str, dict]] = {}
     for data_name in cfg.data:
         loaded = load(data_name, cfg)

@@ -159,3 +159,28 @@ def test_hlo_counts_include_what_a_conditional_runs():
         assert counts["executed_ops"] > counts["entry_ops"]
     else:
         assert counts["executed_ops"] == counts["entry_ops"]
+
+
+def test_lr_grid_quick(tmp_path):
+    path = tmp_path / "lr_grid.json"
+    plot = tmp_path / "lr_grid.png"
+    out = run_script("lr_grid.py", "--quick", "--out", str(path), "--plot", str(plot),
+                     timeout=120)
+    assert_header(out)
+    strategies = ("constant", "recommended", "schedule-free")  # --quick's
+    assert "## shapes, adam" in out
+    for header in ["tuned dice", "best rate", "grid mean", "width (dec)", "interv.", "rollb.",
+                   "jump max"]:
+        assert header in out, header
+    assert "per rate" in out and "# convergence of constant at its best rate" in out
+    for strategy in strategies:
+        assert f"\n{strategy} " in out, strategy
+    assert plot.stat().st_size > 0
+    results = json.loads(path.read_text())["results"]["shapes"]["adam"]
+    assert set(results) == set(strategies)
+    for strategy, r in results.items():
+        finals = r["final_dice"]  # [rate][seed]
+        assert len(finals) == len(r["rates"]) == 2 and all(len(f) == 1 for f in finals), strategy
+        assert all(0.0 <= d <= 1.0 for f in finals for d in f), (strategy, finals)
+    # schedule-free's own grid: the optimizer's times 3.
+    assert results["schedule-free"]["rates"] == pytest.approx([3e-3, 3e-2])
