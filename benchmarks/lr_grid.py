@@ -12,11 +12,13 @@ optimizer:
   width in decades of the contiguous range of grid rates, around the best,
   whose Dice is within 0.01 of the strategy's best (0 = the best rate only):
   what a rate picked without a sweep gets;
+* ``dice@const*`` and ``jump@const*``: the strategy's Dice and worst jump at
+  the rate where ``constant`` is best -- does it hurt a well-tuned run?
 * interventions (for ``reduce-on-plateau`` its rate cuts), rollbacks and the
   worst post-intervention jump over all runs: the mean monitored loss of the
   window after an intervention over the mean of the window that triggered
   it (``largest_jump`` of ``benchmarks/strategies.py``; the seed's failure
-  0.32 -> 0.65 is 2.0x): whether it hurts a well-tuned run;
+  0.32 -> 0.65 is 2.0x);
 * a per-rate table of the seed-mean Dice; ``--plot`` draws it (one panel per
   data set and optimizer, the band is the min-max over seeds).
 
@@ -175,6 +177,8 @@ class Run(NamedTuple):
 
 
 class GridFunctions(NamedTuple):
+    """What :func:`grid_functions` builds for one strategy (jitted)."""
+
     init: Callable  # (rate, params, seed) -> Run
     step: Callable  # (Run, train data, order [steps, B]) -> Run
     evaluate: Callable  # (Run, val data) -> confusion counts [C, 3]
@@ -334,25 +338,42 @@ def tolerance_width(rates: Sequence[float], dice: np.ndarray) -> float:
     return math.log10(rates[hi] / rates[lo])
 
 
-def summary_row(result: dict, window: int) -> list:
-    """One row of the summary table."""
-    dice = np.nan_to_num(np.asarray(result["final_dice"]), nan=0.0).mean(axis=1)
+def summary_row(result: dict, window: int, reference: dict | None = None) -> list:
+    """One row of the summary table.
+
+    Args:
+        result: :func:`train_grid`'s result.
+        window: Steps per plateau window.
+        reference: ``constant``'s result on the same grid, or None: the
+            ``@const*`` columns are this strategy's Dice and worst jump at
+            constant's best rate (a well-tuned run); "-" on another grid.
+
+    Returns:
+        The cells, in the order of :data:`SUMMARY_HEADERS`.
+    """
+    dice = np.asarray(result["final_dice"]).mean(axis=1)
     runs = run_summaries(result, window)
     best = int(np.argmax(dice))
     jumps = runs["jump"][np.isfinite(runs["jump"])]
+    at_tuned: list = ["-", "-"]
+    if reference is not None and reference["rates"] == result["rates"]:
+        tuned = int(np.argmax(np.asarray(reference["final_dice"]).mean(axis=1)))
+        tuned_jumps = runs["jump"][tuned][np.isfinite(runs["jump"][tuned])]
+        at_tuned = [float(dice[tuned]), float(tuned_jumps.max()) if tuned_jumps.size else "-"]
     return [result["strategy"], float(dice[best]), f"{result['rates'][best]:g}",
-            float(dice.mean()), float(tolerance_width(result["rates"], dice)),
+            float(dice.mean()), float(tolerance_width(result["rates"], dice)), *at_tuned,
             float(runs["interventions"].mean()), float(runs["rollbacks"].mean()),
             float(jumps.max()) if jumps.size else "-", float(result["seconds"])]
 
 
 SUMMARY_HEADERS = ["strategy", "tuned dice", "best rate", "grid mean", "width (dec)",
-                   "interv.", "rollb.", "jump max", "s/grid"]
+                   "dice@const*", "jump@const*", "interv.", "rollb.", "jump max", "s/grid"]
 
 
 def print_tables(title: str, results: dict[str, dict], cfg) -> None:
     """The summary table and the per-rate tables (one per distinct rate grid)."""
-    rows = [summary_row(r, cfg.window) for r in results.values()]
+    reference = results.get("constant")
+    rows = [summary_row(r, cfg.window, reference) for r in results.values()]
     C.print_table(title, SUMMARY_HEADERS, rows)
     grids: dict[tuple, list[dict]] = {}
     for r in results.values():
@@ -395,6 +416,7 @@ def convergence(result: dict, window: int) -> dict[str, Any]:
 
 
 def print_convergence(title: str, check: dict) -> None:
+    """Prints :func:`convergence`'s check on one line."""
     last = ", ".join(f"{100 * x:+.2f}%" for x in check["last_improvements"])
     print(f"\n# convergence of constant at its best rate {check['rate']:g} ({title}): over the "
           f"last {check['windows']} windows the monitored loss improves by "
@@ -448,14 +470,17 @@ def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
 # --------------------------------------------------------------------------- main
 
 def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (an argparse type)."""
     return [float(x) for x in text.split(",") if x.strip()]
 
 
 def _names(text: str) -> list[str]:
+    """A comma-separated list of names (an argparse type)."""
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with the defaults of the full or the ``--quick`` run filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -568,6 +593,7 @@ def set_compile_cache(setting: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs every (data set, optimizer, strategy) grid; prints, plots and writes the results."""
     cfg = parse_args(argv)
     tmp = set_compile_cache(cfg.compile_cache)
     env = C.print_header("learning-rate grid: strategies x rates x seeds", timed=False)
@@ -612,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
                 out["convergence"][title] = check
             out["results"].setdefault(data_name, {})[optimizer] = {
                 s: {k: v for k, v in r.items() if k != "history"}
-                | {"summary": dict(zip(SUMMARY_HEADERS, summary_row(r, cfg.window))),
+                | {"summary": dict(zip(SUMMARY_HEADERS, summary_row(
+                    r, cfg.window, results.get("constant")))),
                    "runs": {k: np.where(np.isfinite(v), v, None).tolist()  # [rate][seed]
                             for k, v in run_summaries(r, cfg.window).items()},
                    "monitor_window_means": [[window_means(m, cfg.window).tolist() for m in row]

@@ -169,8 +169,8 @@ def test_lr_grid_quick(tmp_path):
     assert_header(out)
     strategies = ("constant", "recommended", "schedule-free")  # --quick's
     assert "## shapes, adam" in out
-    for header in ["tuned dice", "best rate", "grid mean", "width (dec)", "interv.", "rollb.",
-                   "jump max"]:
+    for header in ["tuned dice", "best rate", "grid mean", "width (dec)", "dice@const*",
+                   "jump@const*", "interv.", "rollb.", "jump max"]:
         assert header in out, header
     assert "per rate" in out and "# convergence of constant at its best rate" in out
     for strategy in strategies:
