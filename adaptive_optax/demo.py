@@ -3,8 +3,10 @@
 Run ``python -m adaptive_optax.demo`` (or ``adaptive-optax``); ``--help``
 lists every option. It trains on random crops of the 2018 Data Science Bowl
 nucleus image that the ``stardist`` wheel bundles, validates on a held-out
-region, logs each intervention, prints a Dice/IoU table, writes
-``run.png``, ``history.json`` and Orbax checkpoints to ``--out``, and
+region, logs each intervention, and trains a baseline (``--compare``, the
+constant rate by default) beside it with the same data and seed, to show
+whether plateau escape helped. It prints a Dice/IoU table with a row per run,
+writes ``run.png``, ``history.json`` and Orbax checkpoints to ``--out``, and
 ``--resume`` continues a run bit-identically from its latest checkpoint.
 """
 
@@ -14,8 +16,10 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 from flax import nnx
@@ -24,16 +28,17 @@ from adaptive_optax import checkpoint
 from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX, check_float
 from adaptive_optax.data import DATASET_NAMES, load_dataset, num_batches
 from adaptive_optax.loop import History, fit
-from adaptive_optax.metrics import dice_iou
 from adaptive_optax.strategies import STRATEGIES, make_optimizer, policy_for
-from adaptive_optax.train import evaluate, init_train_state, make_eval_step, make_train_step
+from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND
 from adaptive_optax.unet import UNet
 
 # What the one foreground class of each bundled data set is.
 _CLASS_NAMES = {"nuclei": "nucleus", "shapes": "shape"}
 # Options that do not change the numbers of a run, so --resume may differ in them.
-_NOT_CONFIG = ("out", "resume", "progress", "checkpoint_every")
+# The comparison run is not checkpointed (it is trained again, from scratch,
+# on --resume), so --compare is one of them.
+_NOT_CONFIG = ("out", "resume", "progress", "checkpoint_every", "compare")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,8 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The demo's command-line interface."""
     p = _Parser(prog="adaptive-optax", description=__doc__.split("\n\n")[0],
                 formatter_class=_HelpFormatter)
-    p.add_argument("--strategy", choices=STRATEGIES, default="adaptive",
-                   help="what to do on a plateau")
+    p.add_argument("--strategy", choices=STRATEGIES, default="recommended",
+                   help="what to do on a plateau (recommended: the configuration README "
+                        "starts with)")
+    p.add_argument("--compare", choices=("none", *STRATEGIES), default="constant",
+                   help="baseline trained beside the main run, with the same data, seed, "
+                        "epochs, steps, batch size and model (on the second CPU core: little "
+                        "extra wall time on 2 cores), drawn in run.png and given a row in the "
+                        "table; 'none': no baseline; ignored when it is --strategy. Not "
+                        "checkpointed: --resume trains it again from scratch")
     p.add_argument("--data", choices=DATASET_NAMES, default="nuclei",
                    help="bundled nuclei image (real) or synthetic shapes")
     p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
@@ -133,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save an Orbax checkpoint every N epochs (0: never)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in OUT/checkpoints (with the "
-                        "run's options: --epochs too, which the schedules depend on)")
+                        "run's options: --epochs too, which the schedules depend on; the "
+                        "--compare baseline, which may differ, is trained again from scratch)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (shown by default)")
     return p
@@ -144,9 +157,14 @@ def run_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_CONFIG}
 
 
-def build(args: argparse.Namespace):
-    """Data, model, optimizer and jitted steps for ``args``."""
-    train_data, val_data = load_dataset(args.data, seed=args.seed)
+def build(args: argparse.Namespace, strategy: str | None = None, data=None):
+    """Data, model, optimizer and jitted steps for ``args``.
+
+    ``strategy`` replaces ``args.strategy`` (the comparison run); ``data``, a
+    ``(train, val)`` pair, reuses the data of another run instead of loading it.
+    """
+    strategy = args.strategy if strategy is None else strategy
+    train_data, val_data = load_dataset(args.data, seed=args.seed) if data is None else data
     if args.batch_size > train_data.images.shape[0]:
         raise ValueError(f"--batch-size {args.batch_size} exceeds the "
                          f"{train_data.images.shape[0]} training images.")
@@ -165,8 +183,8 @@ def build(args: argparse.Namespace):
     if args.width * 2**args.depth > 2**16:
         raise ValueError(f"--width x 2**--depth must be at most {2**16} channels, got "
                          f"--width {args.width}, --depth {args.depth}.")
-    policy = policy_for(args.strategy)
-    tx = make_optimizer(args.strategy, args.lr, total_steps=args.epochs * steps_per_epoch,
+    policy = policy_for(strategy)
+    tx = make_optimizer(strategy, args.lr, total_steps=args.epochs * steps_per_epoch,
                         patience=args.patience, cooldown=args.cooldown, rtol=args.rtol,
                         accumulation_steps=steps_per_epoch,
                         max_interventions=args.max_interventions, seed=args.seed)
@@ -187,18 +205,86 @@ def format_intervention(event: dict) -> str:
             f"{event['mix_before']} -> {event['mix_after']} ({weights})")
 
 
-def results_table(history: History, class_name: str = "foreground") -> str:
-    """The final validation Dice/IoU table (``class_name`` labels a binary task's class)."""
-    last = {k: v[-1] for k, v in history.evals.items()}
-    best = max(history.evals["dice"])
-    rows = [f"{'class':<12}{'Dice':>8}{'IoU':>8}"]
-    names = [class_name] if len(last["dice_per_class"]) == 1 else [
-        f"class {i}" for i in range(len(last["dice_per_class"]))]
-    for name, d, i in zip(names, last["dice_per_class"], last["iou_per_class"]):
-        rows.append(f"{name:<12}{d:>8.4f}{i:>8.4f}")
-    rows.append(f"{'mean':<12}{last['dice']:>8.4f}{last['iou']:>8.4f}")
-    rows.append(f"best validation Dice {best:.4f} (epoch {history.evals['epoch'][history.evals['dice'].index(best)]})")
+def _count(history: History, kind: str) -> int:
+    return sum(event["kind"] == kind for event in history.interventions)
+
+
+def results_table(runs: Mapping[str, History], class_name: str = "foreground") -> str:
+    """The final validation table: one row per run (strategy -> history), main run first.
+
+    Each row has the last epoch's Dice and IoU (mean over classes), the best
+    Dice and its epoch, and the run's interventions and rollbacks. With more
+    than one class, the per-class scores of the first run follow;
+    ``class_name`` names a binary task's class.
+    """
+    first = next(iter(runs.values()))
+    classes = len(first.evals["dice_per_class"][-1])
+    width = max(len("strategy"), *map(len, runs)) + 2
+    what = f"class: {class_name}" if classes == 1 else f"mean of {classes} classes"
+    rows = [f"validation after the last epoch ({what})",
+            f"{'strategy':<{width}}{'Dice':>7}{'IoU':>8}{'best Dice (epoch)':>19}"
+            f"{'interventions':>15}{'rollbacks':>11}"]
+    for name, history in runs.items():
+        dice = history.evals["dice"]
+        best = max(range(len(dice)), key=dice.__getitem__)  # the first best epoch
+        best_text = f"{dice[best]:.4f} ({history.evals['epoch'][best]})"
+        rows.append(f"{name:<{width}}{dice[-1]:>7.4f}{history.evals['iou'][-1]:>8.4f}"
+                    f"{best_text:>19}{_count(history, 'intervention'):>15}"
+                    f"{_count(history, 'rollback'):>11}")
+    if classes > 1:
+        label = f"{next(iter(runs))} per class"
+        width = max(width, len(label) + 2)
+        rows.append(f"{label:<{width}}{'Dice':>7}{'IoU':>8}")
+        for i, (d, u) in enumerate(zip(first.evals["dice_per_class"][-1],
+                                       first.evals["iou_per_class"][-1])):
+            rows.append(f"{f'class {i}':<{width}}{d:>7.4f}{u:>8.4f}")
     return "\n".join(rows)
+
+
+class _Stopped(Exception):
+    """Raised in the baseline's thread when the main run failed or was interrupted."""
+
+
+def _train(parts: dict, args: argparse.Namespace, state, *, history: History | None = None,
+           start_epoch: int = 0, on_epoch_end=None, on_step: Callable[[], None] | None = None):
+    """Trains one run of ``build``'s ``parts`` over ``--devices``; ``(state, history)``."""
+    put_batch, train_step = None, parts["train_step"]
+    if args.devices > 1:
+        from adaptive_optax import parallel
+
+        # Replicated state, batch split over the "data" axis: jit's sharding
+        # propagation makes the loss and gradients global means, so every
+        # device takes the same plateau decisions (docs/multidevice.md).
+        mesh = parallel.data_parallel_mesh(args.devices)
+        state = parallel.replicate(state, mesh)
+        train_step = parallel.data_parallel(train_step, mesh)
+        put_batch = lambda batch: parallel.shard_batch(batch, mesh)  # noqa: E731
+    return fit(train_step, parts["eval_step"], state, parts["train"], parts["val"],
+               epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+               start_epoch=start_epoch, history=history, steps_per_epoch=parts["steps_per_epoch"],
+               mix_label=parts["policy"].mix_label, on_epoch_end=on_epoch_end, on_step=on_step,
+               put_batch=put_batch)
+
+
+def load_histories(path: str) -> dict[str, History]:
+    """The runs of a demo's ``history.json``: strategy -> history, the main run first.
+
+    The file holds the main run's history (with its ``strategy``) and, under
+    ``"compare"``, the baseline's, if one was trained.
+
+    Example:
+        >>> from adaptive_optax import plotting
+        >>> runs = load_histories("runs/demo/history.json")  # doctest: +SKIP
+        >>> (name, history), *others = runs.items()  # doctest: +SKIP
+        >>> fig = plotting.plot_run(history, name=name, compare=dict(others))  # doctest: +SKIP
+    """
+    with open(path) as f:
+        record = json.load(f)
+    fields = ("steps", "evals", "interventions")
+    runs = {record.get("strategy", "main"): History(**{k: record[k] for k in fields})}
+    if record.get("compare"):
+        runs[record["compare"]["strategy"]] = History(**{k: record["compare"][k] for k in fields})
+    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,8 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--devices {args.devices} exceeds the {jax.device_count()} available "
                      "devices (on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
 
+    compare = None if args.compare in ("none", args.strategy) else args.compare
     try:
         parts = build(args)
+        baseline = None if compare is None else build(args, compare, (parts["train"], parts["val"]))
     except (ValueError, ImportError) as err:
         parser.error(str(err))
     os.makedirs(args.out, exist_ok=True)
@@ -236,64 +324,90 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_epoch = last + 1
         print(f"resumed from epoch {last} in {ckpt_dir}")
 
-    put_batch, train_step = None, parts["train_step"]
-    if args.devices > 1:
-        # Replicated state, batch split over the "data" axis: jit's sharding
-        # propagation makes the loss and gradients global means, so every
-        # device takes the same plateau decisions (docs/multidevice.md).
-        mesh = parallel.data_parallel_mesh(args.devices)
-        state = parallel.replicate(state, mesh)
-        train_step = parallel.data_parallel(train_step, mesh)
-        put_batch = lambda batch: parallel.shard_batch(batch, mesh)  # noqa: E731
-
-    print(f"adaptive-optax demo: strategy {args.strategy}, data {args.data} "
+    steps_per_epoch = parts["steps_per_epoch"]
+    print(f"adaptive-optax demo: strategy {args.strategy}"
+          + (f" (baseline {compare} beside it)" if compare else "") + f", data {args.data} "
           f"({parts['train'].images.shape[0]} train / {parts['val'].images.shape[0]} val crops), "
-          f"{args.epochs} epochs x {parts['steps_per_epoch']} steps, device "
+          f"{args.epochs} epochs x {steps_per_epoch} steps, device "
           f"{jax.devices()[0].device_kind} x{args.devices}")
-    bar = None
+    bar, lock = None, threading.Lock()  # the lock: both runs update the bar
     if args.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(args.epochs - start_epoch) * parts["steps_per_epoch"], unit="step",
-                   dynamic_ncols=True)
+        total = (args.epochs - start_epoch + (args.epochs if compare else 0)) * steps_per_epoch
+        bar = tqdm(total=total, unit="step", dynamic_ncols=True)
     say = bar.write if bar is not None else print
-    logged = len(history.interventions) if history is not None else 0
+
+    def tick():
+        if bar is not None:
+            with lock:
+                bar.update()
+
+    def logger(prefix: str, logged: int):
+        def log(history: History) -> None:
+            nonlocal logged
+            for event in history.interventions[logged:]:
+                say(prefix + format_intervention(event))
+            logged = len(history.interventions)
+        return log
+
+    log_main = logger("", len(history.interventions) if history is not None else 0)
 
     def on_epoch_end(epoch, state, history):
-        nonlocal logged
-        for event in history.interventions[logged:]:
-            say(format_intervention(event))
-        logged = len(history.interventions)
+        log_main(history)
         if bar is not None:
-            bar.set_postfix(epoch=epoch, loss=f"{history.steps['monitor'][-1]:.4f}",
-                            dice=f"{history.evals['dice'][-1]:.4f}")
+            with lock:
+                bar.set_postfix(epoch=epoch, loss=f"{history.steps['monitor'][-1]:.4f}",
+                                dice=f"{history.evals['dice'][-1]:.4f}")
         if args.checkpoint_every and (epoch + 1) % args.checkpoint_every == 0:
             checkpoint.save(ckpt_dir, epoch, state, history, config)
 
+    # The baseline trains in a second thread: one run keeps about one CPU core
+    # busy, so on two cores the baseline costs little wall time. Each run's
+    # numbers do not depend on the other (tests/test_demo.py checks it).
+    stop = threading.Event()
+    log_baseline = logger(f"({compare}) ", 0)
+
+    def baseline_step():
+        if stop.is_set():
+            raise _Stopped
+        tick()
+
     started = time.perf_counter()
-    state, history = fit(
-        train_step, parts["eval_step"], state, parts["train"], parts["val"],
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-        start_epoch=start_epoch, history=history, steps_per_epoch=parts["steps_per_epoch"],
-        mix_label=parts["policy"].mix_label, on_epoch_end=on_epoch_end,
-        on_step=bar.update if bar is not None else None, put_batch=put_batch)
-    if bar is not None:
-        bar.close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="baseline") as pool:
+        try:
+            future = None if compare is None else pool.submit(
+                _train, baseline, args, baseline["state"], on_step=baseline_step,
+                on_epoch_end=lambda epoch, state, history: log_baseline(history))
+            state, history = _train(parts, args, state, history=history, start_epoch=start_epoch,
+                                    on_epoch_end=on_epoch_end, on_step=tick)
+            baseline_history = None if future is None else future.result()[1]
+        except BaseException:
+            stop.set()  # the baseline stops at its next step
+            raise
+        finally:
+            if bar is not None:
+                with lock:
+                    bar.close()
     elapsed = time.perf_counter() - started
-    dice, iou = dice_iou(evaluate(parts["eval_step"], state, parts["val"], args.batch_size))
-    print(f"\ntrained {args.epochs - start_epoch} epochs in {elapsed:.1f} s; "
-          f"{len([e for e in history.interventions if e['kind'] == 'intervention'])} interventions")
-    print(results_table(history, _CLASS_NAMES.get(args.data, "foreground")))
+    print(f"\ntrained {args.epochs - start_epoch} epochs of {args.strategy}"
+          + (f" and {args.epochs} of {compare} beside it" if compare else "")
+          + f" in {elapsed:.1f} s")
+    runs = {args.strategy: history, **({compare: baseline_history} if compare else {})}
+    print(results_table(runs, _CLASS_NAMES.get(args.data, "foreground")))
+    record = {"strategy": args.strategy, **json.loads(history.to_json())}
+    if compare:
+        record["compare"] = {"strategy": compare, **json.loads(baseline_history.to_json())}
     with open(os.path.join(args.out, "history.json"), "w") as f:
-        f.write(history.to_json())
+        json.dump(record, f)
     with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    plot_path = _plot(history, args)
+        json.dump({**config, "compare": compare or "none"}, f, indent=2)
+    plot_path = _plot(runs, args)
     print(f"wrote {os.path.join(args.out, 'history.json')}" + (f" and {plot_path}" if plot_path else ""))
     return 0
 
 
-def _plot(history: History, args) -> str | None:
+def _plot(runs: dict[str, History], args) -> str | None:
     try:
         import matplotlib
 
@@ -302,7 +416,11 @@ def _plot(history: History, args) -> str | None:
     except ImportError as err:
         print(f"no plot: {err}", file=sys.stderr)
         return None
-    fig = plot_run(history, title=f"adaptive-optax demo: {args.strategy} on {args.data}")
+    (name, history), *others = runs.items()
+    title = f"adaptive-optax demo: {name} on {args.data}"
+    if others:
+        title += ", " + ", ".join(other for other, _ in others) + " beside it"
+    fig = plot_run(history, title=title, name=name, compare=dict(others) or None)
     path = os.path.join(args.out, "run.png")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path

@@ -13,7 +13,10 @@ come from ``history.interventions``.
                                   each intervention annotated
 :func:`plot_loss_weights`         loss-mix weights as a stacked area
 :func:`plot_validation`           per-epoch validation Dice and IoU
-:func:`plot_run`                  the four panels above in one figure
+:func:`plot_comparison`           validation Dice and monitored window means of
+                                  several runs, one line per run
+:func:`plot_run`                  the four panels above in one figure, and
+                                  optionally the comparison below them
 :func:`loss_along_line`           loss on the segment between two parameter sets
 :func:`plot_loss_slice`           that 1-D slice of the loss landscape
 ================================  ============================================
@@ -53,6 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "loss_along_line",
+    "plot_comparison",
     "plot_learning_rate",
     "plot_loss_slice",
     "plot_loss_weights",
@@ -431,31 +435,159 @@ def plot_validation(history: History, ax: Axes | None = None, *, x: str = "step"
     return fig
 
 
-def plot_run(history: History, title: str | None = None) -> Figure:
+def _check_runs(runs: Any) -> dict[str, History]:
+    """``runs`` as a dict of named histories, each with per-epoch evaluations."""
+    if not isinstance(runs, Mapping) or not runs:
+        raise ValueError("runs must be a non-empty dict of run name -> History, got "
+                         f"{type(runs).__name__} {runs!r:.60}.")
+    for name, history in runs.items():
+        if not isinstance(name, str):
+            raise TypeError(f"run names must be strings, got {name!r}.")
+        _check_history(history)
+        missing = [k for k in ("epoch", "step", "dice") if not history.evals.get(k)]
+        if missing:
+            raise ValueError(f"run {name!r} has no evaluations (history.evals lacks "
+                             f"{missing}); fit evaluates after every epoch.")
+    return dict(runs)
+
+
+def _epoch_coordinates(history: History, steps_done: Sequence[int]) -> np.ndarray:
+    """Where ``steps_done`` steps fall on the epoch axis of ``history.evals``.
+
+    Epoch ``e`` ends at ``evals["step"][e]`` steps (its evaluation); a step
+    count in between is placed linearly, and the run's first epoch starts at
+    step 0 (``fit`` records a history from the run's first step).
+    """
+    at = np.asarray(history.evals["step"], np.float64)
+    epoch = np.asarray(history.evals["epoch"], np.float64)
+    return np.interp(np.asarray(steps_done, np.float64), np.concatenate([[0.0], at]),
+                     np.concatenate([[epoch[0] - 1.0], epoch]))
+
+
+def plot_comparison(runs: Mapping[str, History], axes: Sequence[Axes] | None = None, *,
+                    marked: str | None = None) -> Figure:
+    """Validation Dice and the monitored value of several runs, one line per run.
+
+    The left axes draws each run's validation Dice (mean over classes) after
+    every epoch; the right one the mean of every window the plateau detector
+    closed (the value it compares), at the epoch where the window ended
+    (fractional when a window ends inside an epoch). Both share the epoch
+    axis, numbered as in the intervention log (0 is the first epoch). The
+    interventions and rollbacks of the ``marked`` run are dotted vertical
+    lines on both, at the epoch of the window that triggered them.
+
+    Runs keep their order: run ``i`` is drawn in colour ``C{i}``. Artists
+    carry a ``gid`` and are labelled with the run's name: ``"dice"`` (left
+    lines), ``"window_mean"`` (right lines), ``"intervention"`` /
+    ``"rollback"`` (vertical lines of the marked run).
+
+    Args:
+        runs: Run name -> history (from :func:`adaptive_optax.loop.fit`),
+            e.g. ``{"recommended": history, "constant": baseline}``.
+        axes: Two axes to draw into (Dice, monitored value); a new 1x2
+            figure if ``None``.
+        marked: The run whose interventions are marked (default: the first).
+
+    Returns:
+        The figure holding the plot.
+
+    Raises:
+        ValueError: If ``runs`` is empty, a run has no steps or evaluations,
+            ``axes`` is not two axes, or ``marked`` is not a run.
+        TypeError: If a run is not a ``History`` or its name not a string.
+
+    Example:
+        >>> fig = plot_comparison({"recommended": history, "constant": baseline})  # doctest: +SKIP
+        >>> fig.savefig("comparison.png")  # doctest: +SKIP
+    """
+    runs = _check_runs(runs)
+    figure_class = _figure_class()
+    from matplotlib.ticker import MaxNLocator
+
+    marked = next(iter(runs)) if marked is None else marked
+    if marked not in runs:
+        raise ValueError(f"marked must be one of the runs {list(runs)}, got marked = {marked!r}.")
+    windows = {name: _windows(history) for name, history in runs.items()}  # checks the steps
+    if axes is None:
+        fig = figure_class(figsize=(10, 3.5), layout="constrained")
+        axes = fig.subplots(1, 2, sharex=True)
+    elif len(axes) != 2:
+        raise ValueError(f"axes must be two matplotlib Axes (Dice, monitored value), got "
+                         f"{len(axes)}.")
+    fig, dice_ax = _axes(axes[0], (10, 3.5))
+    _, monitor_ax = _axes(axes[1], (10, 3.5))
+    for i, (name, history) in enumerate(runs.items()):
+        style = dict(color=f"C{i}", marker="o", markersize=3, linewidth=1.4, label=name)
+        dice_ax.plot(np.asarray(history.evals["epoch"], np.float64),
+                     np.asarray(history.evals["dice"], np.float64), gid="dice", **style)
+        closed = windows[name]
+        monitor_ax.plot(_epoch_coordinates(history, [end + 1 for _, end, _, _ in closed]),
+                        np.array([mean for _, _, mean, _ in closed], np.float64),
+                        gid="window_mean", **style)
+    events = _events(runs[marked])
+    at = _epoch_coordinates(runs[marked], [int(e["step"]) + 1 for e in events])
+    for ax in (dice_ax, monitor_ax):
+        seen = set()
+        for event, x in zip(events, at):
+            kind = event.get("kind", "intervention")
+            ax.axvline(x, color=_EVENT_STYLE.get(kind, _EVENT_STYLE["intervention"])["color"],
+                       linestyle=":", linewidth=1.2, gid=kind,
+                       label=f"{kind} ({marked})" if kind not in seen else None)
+            seen.add(kind)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best", fontsize=8)
+    dice_ax.set_ylabel("validation Dice")
+    dice_ax.set_title("Validation Dice")
+    monitor_ax.set_ylabel("monitored value (window mean)")
+    monitor_ax.set_title("Monitored value per window")
+    return fig
+
+
+def plot_run(history: History, title: str | None = None, *,
+             compare: Mapping[str, History] | None = None, name: str = "this run") -> Figure:
     """A 4-panel summary: monitor, learning rate, loss weights, validation.
 
     The panels share the step axis, so an intervention lines up with its
     plateau, its boost, its mix change and the validation that followed.
-    A history without evaluations gets a note in the last panel.
+    A history without evaluations gets a note in the last panel. With
+    ``compare``, a row below them holds :func:`plot_comparison` of this run
+    (first, its interventions marked) and the others.
 
     Args:
         history: The run's history, from :func:`adaptive_optax.loop.fit`.
         title: Optional figure title.
+        compare: Other runs to compare with (name -> history), e.g. the
+            baseline trained on the same data and seed.
+        name: This run's name in the comparison's legends.
 
     Returns:
         The figure (``fig.savefig("run.png")`` writes it).
 
     Raises:
-        ValueError: If the history has no steps or lacks a needed series.
+        ValueError: If the history has no steps or lacks a needed series, or
+            a run of ``compare`` is also called ``name``.
 
     Example:
         >>> fig = plot_run(history, title="adaptive")  # doctest: +SKIP
+        >>> fig = plot_run(history, name="recommended",
+        ...                compare={"constant": baseline})  # doctest: +SKIP
         >>> fig.savefig("run.png")  # doctest: +SKIP
     """
     _series(history, "monitor", "learning_rate")  # fail before drawing anything
-    figure_class = _figure_class()
-    fig = figure_class(figsize=(10, 11), layout="constrained")
-    axes = fig.subplots(4, 1, sharex=True)
+    runs = None
+    if compare is not None:
+        if not isinstance(compare, Mapping):
+            raise TypeError("compare must be a dict of run name -> History or None, got "
+                            f"{type(compare).__name__}.")
+        if name in compare:
+            raise ValueError(f"compare must not hold a run called {name!r}, this run's name.")
+        runs = _check_runs({name: history, **compare}) if compare else None
+    rows = 5 if runs else 4
+    fig = _figure_class()(figsize=(10, 14.5 if runs else 11), layout="constrained")
+    grid = fig.add_gridspec(rows, 2, height_ratios=[1.0] * 4 + [1.2] * (rows - 4))
+    axes = [fig.add_subplot(grid[0, :])]
+    axes += [fig.add_subplot(grid[i, :], sharex=axes[0]) for i in range(1, 4)]
     plot_monitor(history, ax=axes[0])
     plot_learning_rate(history, ax=axes[1])
     plot_loss_weights(history, ax=axes[2])
@@ -467,7 +599,11 @@ def plot_run(history: History, title: str | None = None) -> Figure:
         axes[3].set_title("Validation")
     for ax in axes[:-1]:
         ax.set_xlabel("")
+        ax.tick_params(labelbottom=False)
     axes[-1].set_xlabel("step")
+    if runs:
+        left = fig.add_subplot(grid[4, 0])
+        plot_comparison(runs, [left, fig.add_subplot(grid[4, 1], sharex=left)], marked=name)
     if title is not None:
         fig.suptitle(title)
     return fig

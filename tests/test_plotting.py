@@ -210,6 +210,96 @@ def test_plot_run_without_evaluations_notes_it():
     assert [t.get_text() for t in fig.axes[3].texts] == ["no validation data"]
 
 
+def baseline_history() -> History:
+    """A run beside ``synthetic_history``: no interventions, window means 10 % higher."""
+    history = synthetic_history()
+    for name in ("monitor", "window_value", "best_value"):
+        history.steps[name] = [1.1 * v for v in history.steps[name]]
+    history.evals["dice"] = [0.1, 0.2, 0.3, 0.35]
+    history.interventions = []
+    return history
+
+
+def test_plot_comparison_draws_one_line_per_run_with_its_data():
+    main, baseline = synthetic_history(with_rollback=True), baseline_history()
+    fig = plotting.plot_comparison({"adaptive": main, "constant": baseline})
+    dice_ax, monitor_ax = fig.axes
+    dice = by_gid(dice_ax.lines, "dice")
+    assert [line.get_label() for line in dice] == ["adaptive", "constant"]
+    for line, history in zip(dice, (main, baseline)):
+        np.testing.assert_allclose(line.get_xdata(), [0, 1, 2, 3])  # epochs
+        np.testing.assert_allclose(line.get_ydata(), history.evals["dice"])
+    means = by_gid(monitor_ax.lines, "window_mean")
+    assert [line.get_label() for line in means] == ["adaptive", "constant"]
+    # Windows of 3 steps close with epochs 0-3 (evaluated after steps 3, 6, 9, 12).
+    for line, scale in zip(means, (1.0, 1.1)):
+        np.testing.assert_allclose(line.get_xdata(), [0, 1, 2, 3])
+        np.testing.assert_allclose(line.get_ydata(), scale * np.array([1.0, 0.99, 0.8, 0.85]))
+    assert means[0].get_color() != means[1].get_color()
+    # The main run's events, at the epoch of the window that triggered them, on both axes.
+    for ax in fig.axes:
+        assert [line.get_xdata()[0] for line in by_gid(ax.lines, "intervention")] == [1, 3]
+        assert [line.get_xdata()[0] for line in by_gid(ax.lines, "rollback")] == [2]
+        assert ax.get_xlabel() == "epoch"
+    legend = [t.get_text() for t in dice_ax.get_legend().get_texts()]
+    assert legend == ["adaptive", "constant", "intervention (adaptive)", "rollback (adaptive)"]
+
+
+def test_plot_comparison_marks_the_chosen_run_and_places_windows_inside_epochs():
+    main, baseline = synthetic_history(), baseline_history()
+    ax = plotting.plot_comparison({"adaptive": main, "constant": baseline},
+                                  marked="constant").axes[0]
+    assert by_gid(ax.lines, "intervention") == []  # the baseline never intervened
+    # Epochs of 6 steps, windows of 3: a window ends halfway through each epoch.
+    main.evals = {"epoch": [0, 1], "step": [6, 12], "dice": [0.3, 0.6], "iou": [0.2, 0.4]}
+    fig = plotting.plot_comparison({"adaptive": main})
+    (line,) = by_gid(fig.axes[1].lines, "window_mean")
+    np.testing.assert_allclose(line.get_xdata(), [-0.5, 0.0, 0.5, 1.0])
+    # Interventions at steps 5 and 11: the ends of epochs 0 and 1.
+    assert [x.get_xdata()[0] for x in by_gid(fig.axes[1].lines, "intervention")] == [0, 1]
+
+
+def test_plot_comparison_draws_into_given_axes_and_rejects_bad_input():
+    fig = Figure()
+    axes = fig.subplots(1, 3)
+    assert plotting.plot_comparison({"a": synthetic_history()}, axes[1:]) is fig
+    assert by_gid(axes[1].lines, "dice") and by_gid(axes[2].lines, "window_mean")
+    assert not axes[0].lines
+    with pytest.raises(ValueError, match="two matplotlib Axes"):
+        plotting.plot_comparison({"a": synthetic_history()}, axes)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        plotting.plot_comparison({})
+    with pytest.raises(ValueError, match="marked must be one of the runs"):
+        plotting.plot_comparison({"a": synthetic_history()}, marked="b")
+    no_evals = synthetic_history()
+    no_evals.evals = {}
+    with pytest.raises(ValueError, match="run 'b' has no evaluations"):
+        plotting.plot_comparison({"a": synthetic_history(), "b": no_evals})
+    with pytest.raises(TypeError, match="History"):
+        plotting.plot_comparison({"a": {"steps": {}}})
+
+
+def test_plot_run_with_compare_adds_the_comparison_row():
+    main, baseline = synthetic_history(), baseline_history()
+    fig = plotting.plot_run(main, title="run", name="adaptive", compare={"constant": baseline})
+    assert [ax.get_title() for ax in fig.axes] == [
+        "Monitored value and plateau windows", "Learning rate", "Loss-mix weights", "Validation",
+        "Validation Dice", "Monitored value per window"]
+    dice_ax, monitor_ax = fig.axes[4:]
+    assert [line.get_label() for line in by_gid(dice_ax.lines, "dice")] == ["adaptive",
+                                                                             "constant"]
+    np.testing.assert_allclose(by_gid(monitor_ax.lines, "window_mean")[1].get_ydata(),
+                               1.1 * np.array([1.0, 0.99, 0.8, 0.85]))
+    assert len(by_gid(monitor_ax.lines, "intervention")) == 2
+    # The four panels of the main run are unchanged.
+    assert _drawn(fig)[:4] == _drawn(plotting.plot_run(main))
+    assert len(plotting.plot_run(main, compare={}).axes) == 4
+    with pytest.raises(ValueError, match="must not hold a run called 'this run'"):
+        plotting.plot_run(main, compare={"this run": baseline})
+    with pytest.raises(TypeError, match="compare must be a dict"):
+        plotting.plot_run(main, compare=[baseline])
+
+
 def test_plots_draw_into_a_given_axes():
     fig = Figure()
     axes = fig.subplots(1, 2)
