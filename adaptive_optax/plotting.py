@@ -471,12 +471,15 @@ def plot_comparison(runs: Mapping[str, History], axes: Sequence[Axes] | None = N
     The left axes draws each run's validation Dice (mean over classes) after
     every epoch; the right one the mean of every window the plateau detector
     closed (the value it compares), at the epoch where the window ended
-    (fractional when a window ends inside an epoch). Both share the epoch
+    (fractional when a window ends inside an epoch), on a log scale when
+    every mean is positive. Both share the epoch
     axis, numbered as in the intervention log (0 is the first epoch). The
     interventions and rollbacks of the ``marked`` run are dotted vertical
     lines on both, at the epoch of the window that triggered them.
 
-    Runs keep their order: run ``i`` is drawn in colour ``C{i}``. Artists
+    Runs keep their order: run ``i`` is drawn in colour ``C{i}``, the first
+    one solid, the others dashed over it (where runs agree, both colours
+    show). Artists
     carry a ``gid`` and are labelled with the run's name: ``"dice"`` (left
     lines), ``"window_mean"`` (right lines), ``"intervention"`` /
     ``"rollback"`` (vertical lines of the marked run).
@@ -517,7 +520,9 @@ def plot_comparison(runs: Mapping[str, History], axes: Sequence[Axes] | None = N
     fig, dice_ax = _axes(axes[0], (10, 3.5))
     _, monitor_ax = _axes(axes[1], (10, 3.5))
     for i, (name, history) in enumerate(runs.items()):
-        style = dict(color=f"C{i}", marker="o", markersize=3, linewidth=1.4, label=name)
+        # The first run solid, the others dashed on top: where runs agree, both colours show.
+        style = dict(color=f"C{i}", marker="o" if i == 0 else "s", markersize=3, linewidth=1.4,
+                     linestyle="-" if i == 0 else "--", zorder=2 + min(i, 1), label=name)
         dice_ax.plot(np.asarray(history.evals["epoch"], np.float64),
                      np.asarray(history.evals["dice"], np.float64), gid="dice", **style)
         closed = windows[name]
@@ -537,6 +542,10 @@ def plot_comparison(runs: Mapping[str, History], axes: Sequence[Axes] | None = N
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(loc="best", fontsize=8)
+    means = np.array([mean for closed in windows.values() for _, _, mean, _ in closed])
+    means = means[np.isfinite(means)]
+    if means.size and np.all(means > 0):
+        monitor_ax.set_yscale("log")  # the late windows, where runs part, stay readable
     dice_ax.set_ylabel("validation Dice")
     dice_ax.set_title("Validation Dice")
     monitor_ax.set_ylabel("monitored value (window mean)")

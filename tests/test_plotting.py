@@ -236,6 +236,8 @@ def test_plot_comparison_draws_one_line_per_run_with_its_data():
         np.testing.assert_allclose(line.get_xdata(), [0, 1, 2, 3])
         np.testing.assert_allclose(line.get_ydata(), scale * np.array([1.0, 0.99, 0.8, 0.85]))
     assert means[0].get_color() != means[1].get_color()
+    assert [line.get_linestyle() for line in means] == ["-", "--"]  # the baseline dashed
+    assert monitor_ax.get_yscale() == "log" and dice_ax.get_yscale() == "linear"
     # The main run's events, at the epoch of the window that triggered them, on both axes.
     for ax in fig.axes:
         assert [line.get_xdata()[0] for line in by_gid(ax.lines, "intervention")] == [1, 3]
