@@ -10,6 +10,15 @@ Restoring into a state built from a different configuration (another model
 size, another optimizer, a rollback guard on or off) raises a
 :class:`CheckpointMismatchError` that says what differs, never silently
 restores the wrong arrays.
+
+The plateau-escape state packs its scalars into two vectors by position
+(:mod:`adaptive_optax.state`). A checkpoint records that layout (the field
+names of ``packed_floats`` and ``packed_ints`` in order, and the length of
+the planned-mix plan), and a restore compares it with this version's before
+reading any array: a version that reordered or inserted fields would
+otherwise restore values into the wrong fields, silently whenever the total
+length is unchanged. A checkpoint that records no layout (written before it
+was recorded) is refused for the same reason.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from adaptive_optax import state as packed_state
 from adaptive_optax._validation import check_int
 from adaptive_optax.loop import History
 
@@ -68,7 +78,8 @@ def save(directory: str, epoch: int, state, history: History, config: Mapping[st
         saved = manager.save(epoch, args=ocp.args.Composite(
             state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
             meta=ocp.args.JsonSave({"history": json.loads(history.to_json()),
-                                    "config": dict(config), "epoch": epoch}),
+                                    "config": dict(config), "epoch": epoch,
+                                    "layout": _layout(_signature(nnx.to_pure_dict(state)))}),
         ))
         manager.wait_until_finished()
     if not saved:
@@ -100,7 +111,9 @@ def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None 
         FileNotFoundError: If ``directory`` holds no checkpoint (it is not
             created).
         CheckpointMismatchError: If the configuration, tree structure, shapes
-            or dtypes differ from the saved ones.
+            or dtypes differ from the saved ones, or if ``state`` holds a
+            plateau-escape state and the checkpoint's packed-field layout
+            differs from this version's or was not recorded.
     """
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"no checkpoint in {directory!r}: no such directory.")
@@ -118,10 +131,12 @@ def restore(directory: str, state, config: Mapping[str, Any], epoch: int | None 
                 f"checkpoint in {directory!r} was written with another configuration; "
                 f"differing keys: {', '.join(f'{k} (saved {saved_config.get(k)!r}, now {current.get(k)!r})' for k in diff)}.")
         target = nnx.to_pure_dict(state)
+        want = _signature(target)
+        _check_layout(meta.get("layout"), _layout(want), directory)
         # Compare shapes and dtypes from the metadata first: a restore that fails
         # half-way leaves Orbax's aborted reads running in the background.
         saved = manager.item_metadata(epoch)["state"].tree
-        _check_same(_signature(target), _signature(saved), directory)
+        _check_same(want, _signature(saved), directory)
         # Read to the host, then placed like the fresh state's arrays: arrays
         # committed to a device by Orbax would make jit compile the train
         # step a second time if the fresh state's were not.
@@ -149,6 +164,60 @@ def _signature(tree) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]:
         key = tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
         out[key] = (tuple(leaf.shape), np.dtype(leaf.dtype).name)
     return out
+
+
+def _layout(signature: dict) -> dict[str, Any]:
+    """The packed-field layout of this version, and the plan length of each packed state.
+
+    A plateau-escape state is found as sibling ``packed_floats`` and
+    ``packed_ints`` arrays; its plan length is what follows the int fields
+    and the PRNG key words in ``packed_ints``. The field tuples are read from
+    :mod:`adaptive_optax.state` at call time.
+    """
+    ints = list(packed_state.INT_FIELDS)
+    key_words = [f"rng_key[{i}]" for i in range(packed_state._KEY_WORDS)]
+    plans = {}
+    for path, (shape, _) in signature.items():
+        if path and path[-1] == "packed_ints" and path[:-1] + ("packed_floats",) in signature:
+            plans["/".join(path[:-1])] = int(shape[-1]) - len(ints) - len(key_words) if shape else 0
+    return {"packed_floats": list(packed_state.FLOAT_FIELDS), "packed_ints": ints + key_words,
+            "plan_lengths": plans}
+
+
+def _check_layout(saved: dict | None, current: dict, directory: str) -> None:
+    """Raises if the packed fields of ``saved`` would land in other fields now."""
+    if not current["plan_lengths"]:
+        return  # no packed state to restore into: nothing is read by position
+    where = f"checkpoint in {directory!r}"
+    if saved is None:
+        raise CheckpointMismatchError(
+            f"{where} records no layout of the packed plateau-escape state (the field order of "
+            "packed_floats and packed_ints): it was written by an older version of "
+            "adaptive_optax, and its packed values cannot be matched to this version's fields "
+            "by position without guessing. Restore it with the version that wrote it, or start "
+            "a fresh run.")
+    parts = []
+    for name in ("packed_floats", "packed_ints"):
+        got, want = list(saved.get(name, [])), current[name]
+        if got != want:
+            i = next(i for i in range(max(len(got), len(want)))
+                     if i >= len(got) or i >= len(want) or got[i] != want[i])
+            a = repr(got[i]) if i < len(got) else "(end)"
+            b = repr(want[i]) if i < len(want) else "(end)"
+            moved = sorted({f for f in set(got) | set(want)
+                            if f not in got or f not in want or got.index(f) != want.index(f)})
+            parts.append(f"{name} layout differs: checkpoint has {got}, this version has {want}; "
+                         f"first difference at index {i}: {a} vs {b}; fields at another "
+                         f"position or missing on one side: {moved}")
+    saved_plans = saved.get("plan_lengths", {})
+    for where_in, n in current["plan_lengths"].items():
+        if where_in in saved_plans and saved_plans[where_in] != n:
+            parts.append(f"planned_mix_index length differs at {where_in}: checkpoint has "
+                         f"{saved_plans[where_in]}, this state has {n} (one entry per allowed intervention)")
+    if parts:
+        raise CheckpointMismatchError(
+            f"{where} does not have this version's layout of the packed plateau-escape state, "
+            f"so its values would be restored into other fields: {'; '.join(parts)}.")
 
 
 def _check_same(want: dict, got: dict, directory: str) -> None:

@@ -45,6 +45,8 @@ import numpy as np
 
 from adaptive_optax._validation import FLOAT32_MAX, check_bool, check_floats
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
 LossMix = Mapping[str, float]
 MixStep = Union[str, int]
 
@@ -158,6 +160,12 @@ class InterventionPolicy:
             raise ValueError("a damped boost (max of grad_norm_boosts and fixed_boosts times "
                              f"max(damping)) must stay below {FLOAT32_MAX:g} (float32), got "
                              f"{max(boosts + fixed)} * {max(damping)}.")
+        # and one below the smallest float32 normal would be 0: XLA flushes subnormals.
+        if float(np.float32(min(boosts + fixed)) * np.float32(min(damping))) < FLOAT32_TINY:
+            raise ValueError("a damped boost (min of grad_norm_boosts and fixed_boosts times "
+                             f"min(damping)) must be at least {FLOAT32_TINY:g} (the smallest "
+                             "float32 normal; XLA flushes smaller values to 0), got "
+                             f"{min(boosts + fixed)} * {min(damping)}.")
         if isinstance(self.mixes, (str, bytes, Mapping)) or not isinstance(self.mixes, Sequence) \
                 or len(self.mixes) == 0:
             raise ValueError(f"mixes must be a non-empty sequence of dicts, got mixes = {self.mixes!r}.")
@@ -304,14 +312,26 @@ class InterventionPolicy:
             base = jnp.asarray(self.grad_norm_boosts, jnp.float32)[bin_index]
         else:
             base = fixed[k]
-        boost = base * damping[k]
-        # A rollback shrinks later boosts towards 1 (the bare base rate), not towards 0.
-        boost = 1.0 + (boost - 1.0) * state.conservatism
+        boost = _towards_one(base * damping[k], state.conservatism)
         planned = state.planned_mix_index[jnp.minimum(k, state.planned_mix_index.shape[0] - 1)]
         # "keep" keeps the mix in use; the plan assumed no rollback had changed it.
         planned = jnp.where(codes[k] == _KEEP, state.mix_index, planned)
         mix_index = jnp.where(state.force_final_mix, self.final_index, planned).astype(jnp.int32)
         return Decision(boost.astype(jnp.float32), mix_index, resets[k])
+
+
+def _towards_one(boost: jax.Array, conservatism: jax.Array) -> jax.Array:
+    """``boost`` shrunk towards 1 (the bare base rate, not 0) by ``conservatism`` in [0, 1].
+
+    ``1 + (boost - 1) * c`` in float32 loses a boost below ~6e-8: ``boost - 1``
+    rounds to -1 and the result is exactly 0 at ``c = 1``. Written as C++'s
+    ``std::lerp(1, boost, c)``: exact at both ends (1 at ``c = 0``, ``boost``
+    itself at ``c = 1``), monotone in ``c`` and never past ``boost`` between.
+    """
+    c = jnp.asarray(conservatism, jnp.float32)
+    x = 1.0 + c * (boost - 1.0)
+    between = jnp.where(boost > 1.0, jnp.minimum(x, boost), jnp.maximum(x, boost))
+    return jnp.where(c == 1.0, boost, between)
 
 
 def _mix_names(name: str, mix) -> tuple[str, ...]:

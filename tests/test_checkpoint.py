@@ -1,5 +1,7 @@
 """Orbax checkpoints: bit-identical resume, clear errors on a config mismatch."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ from helpers import tiny_data, tiny_run
 
 import adaptive_optax as ao
 from adaptive_optax import checkpoint, data, loop, train
+from adaptive_optax import state as ao_state
 
 CONFIG = {"strategy": "adaptive", "width": 4}
 
@@ -93,3 +96,64 @@ def test_restoring_mid_process_compiles_nothing_new_and_warns_nothing(tmp_path, 
     assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     run["train_step"](restored, batch)
     assert run["train_step"]._cache_size() == 1
+
+
+def test_a_checkpoint_records_the_packed_layout_and_round_trips(tmp_path):
+    run = tiny_run()
+    checkpoint.save(str(tmp_path), 0, run["state"], loop.History(), CONFIG)
+    layout = json.loads((tmp_path / "0" / "meta" / "metadata").read_text())["layout"]
+    assert layout["packed_floats"] == list(ao_state.FLOAT_FIELDS)
+    assert layout["packed_ints"] == [*ao_state.INT_FIELDS, "rng_key[0]", "rng_key[1]"]
+    assert layout["plan_lengths"] == {"1/opt_state": 3}  # one opt state, max_interventions 3
+    state, _, _ = checkpoint.restore(str(tmp_path), tiny_run(seed=1)["state"], CONFIG)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(run["state"])):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_reordered_packed_layout_of_the_same_length_is_refused(tmp_path, monkeypatch):
+    # Another version with two fields swapped: the shapes all match, so only
+    # the recorded layout tells that window_sum would be restored as window_m2.
+    run = tiny_run()
+    checkpoint.save(str(tmp_path), 0, run["state"], loop.History(), CONFIG)
+    original, fields = list(ao_state.FLOAT_FIELDS), list(ao_state.FLOAT_FIELDS)
+    i, j = fields.index("window_sum"), fields.index("window_m2")
+    fields[i], fields[j] = fields[j], fields[i]
+    monkeypatch.setattr(ao_state, "FLOAT_FIELDS", tuple(fields))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        checkpoint.restore(str(tmp_path), run["state"], CONFIG)
+    message = str(info.value)
+    assert f"packed_floats layout differs: checkpoint has {original}" in message
+    assert f"this version has {fields}" in message
+    assert f"first difference at index {i}: 'window_sum' vs 'window_m2'" in message
+    assert "['window_m2', 'window_sum']" in message  # the fields that moved
+    assert "packed_ints" not in message.split("restored into other fields:")[1]
+
+
+def test_an_inserted_int_field_that_keeps_the_length_is_refused(tmp_path, monkeypatch):
+    # A field inserted while the plan got one entry shorter: packed_ints has
+    # the same length, every value after the insertion would shift by one.
+    run = tiny_run()
+    checkpoint.save(str(tmp_path), 0, run["state"], loop.History(), CONFIG)
+    fields = list(ao_state.INT_FIELDS)
+    fields.insert(1, "new_counter")
+    monkeypatch.setattr(ao_state, "INT_FIELDS", tuple(fields))
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        checkpoint.restore(str(tmp_path), run["state"], CONFIG)
+    message = str(info.value)
+    assert "packed_ints layout differs" in message
+    assert "first difference at index 1: 'window_finite' vs 'new_counter'" in message
+    assert "planned_mix_index length differs at 1/opt_state: checkpoint has 3, this state has 2" \
+        in message
+
+
+def test_a_checkpoint_without_a_recorded_layout_is_refused(tmp_path):
+    # As written before the layout was recorded.
+    run = tiny_run()
+    checkpoint.save(str(tmp_path), 0, run["state"], loop.History(), CONFIG)
+    path = tmp_path / "0" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    del meta["layout"]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointMismatchError,
+                       match="records no layout of the packed plateau-escape state"):
+        checkpoint.restore(str(tmp_path), run["state"], CONFIG)

@@ -242,3 +242,39 @@ def test_the_mix_plan_does_not_depend_on_x64():
         assert run.returncode == 0, run.stderr
         outs.append(run.stdout.strip())
     assert outs[0] == outs[1], outs
+
+
+@pytest.mark.parametrize("tiny", [1e-8, 1e-30, float(np.finfo(np.float32).tiny)])
+def test_a_tiny_boost_survives_conservatism(tiny):
+    # 1 + (boost - 1) * c cancels to exactly 0 in float32 for a boost below ~6e-8.
+    p = adaptive_policy(grad_norm_boosts=(tiny, 10.0, 5.0, 3.0), damping=(1.0,))
+    decide = jax.jit(lambda c: p.decide(state(p, conservatism=c), jnp.float32(0.0), 3).boost)
+    assert decide(jnp.float32(1.0)) == np.float32(tiny)
+    assert decide(jnp.float32(0.0)) == np.float32(1.0)
+    half = float(decide(jnp.float32(0.5)))
+    assert tiny < half < 1.0
+    np.testing.assert_allclose(half, 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("boost", [1e-8, 0.3, 1.0 - 2**-24, 1.0, 1.0 + 2**-23, 3.0, 1e30])
+def test_conservatism_moves_a_boost_to_1_monotonically_and_exactly_at_both_ends(boost):
+    p = adaptive_policy(grad_norm_boosts=(boost, 10.0, 5.0, 3.0), damping=(1.0,))
+    cs = np.concatenate([np.linspace(0.0, 1.0, 101, dtype=np.float32),
+                         np.nextafter(np.float32(1.0), np.float32(0.0), dtype=np.float32)[None],
+                         np.float32(2.0**-24)[None]])
+    cs = np.sort(cs)
+    boosts = np.asarray(jax.vmap(
+        lambda c: p.decide(state(p, conservatism=c), jnp.float32(0.0), 3).boost)(cs))
+    b = np.float32(boost)
+    assert boosts[0] == np.float32(1.0) and boosts[-1] == b
+    steps = np.diff(boosts)
+    assert (steps >= 0).all() if b >= 1 else (steps <= 0).all()
+    assert ((boosts >= min(b, 1.0)) & (boosts <= max(b, 1.0))).all()
+
+
+def test_a_damped_boost_that_would_be_flushed_to_0_is_refused():
+    # Accepted by the float32 rounding check, but a subnormal that XLA flushes to 0.
+    with pytest.raises(ValueError, match=r"a damped boost .* must be at least 1.17549e-38"):
+        InterventionPolicy(grad_norm_boosts=(1e-40, 10.0, 5.0, 3.0))
+    with pytest.raises(ValueError, match=r"a damped boost"):
+        InterventionPolicy(grad_norm_boosts=(1e-30, 10.0, 5.0, 3.0), damping=(1.0, 1e-10))
