@@ -82,6 +82,18 @@ class RollbackGuard:
             (for data with whole windows of NaN that are not the model's
             doing). Restoring needs finite parameters: updates are added, so
             with ``skip_nonfinite_updates=False`` NaN parameters stay NaN.
+        abort_z: The per-step check (:meth:`step_worse`): from the
+            intervention on, the running mean of the monitored values must
+            not exceed the pre-intervention best by more than the window
+            margin plus ``abort_z`` standard errors. ``None`` turns it off.
+        restore_params: Restore the parameters on a rollback (one parameter
+            copy). ``False`` reverts only the rate and the mix: no copy, and
+            ``update`` needs no params.
+        require_improvement: The last watched window must also *improve* on
+            the pre-intervention best (the detector's test): an intervention
+            that has not got the run off its plateau by then is undone. This
+            is what tells a converged run (a boost makes it no better) from a
+            stuck one.
 
     Raises:
         ValueError: If an argument is out of range; the message names it.
@@ -100,6 +112,7 @@ class RollbackGuard:
     rollback_on_nonfinite: bool = True
     abort_z: float | None = 3.0
     restore_params: bool = True
+    require_improvement: bool = False
 
     def __post_init__(self):
         check_int("guard_windows", self.guard_windows, minimum=1)
@@ -112,6 +125,7 @@ class RollbackGuard:
         if self.abort_z is not None:
             check_float("abort_z", self.abort_z, low=0.0, high=math.inf, high_open=True)
         check_bool("restore_params", self.restore_params)
+        check_bool("require_improvement", self.require_improvement)
 
     def init(self, params, initial_mix_index: int) -> RollbackState:
         """The guard's state before any intervention."""

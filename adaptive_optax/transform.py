@@ -250,6 +250,10 @@ def plateau_escape(
             # Checked every step, so a boost that blows up is undone within a few steps.
             worse = worse | rollback.step_worse(probe_sum, probe_count, guard_state,
                                                 detector.sign)
+            if rollback.require_improvement:  # the watch's last window must beat the old best
+                last = event.valid & (guard_state.guard_windows_left == 1)
+                worse = worse | (last & ~detector.is_better(plateau_state.window_value,
+                                                            guard_state.snapshot_value))
             rolled_back = watching & worse
             if rollback.stop_after_rollback:
                 limit = limit | (guard_state.rollback_count > 0) | rolled_back

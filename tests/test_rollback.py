@@ -301,3 +301,26 @@ def test_a_guard_without_a_parameter_copy_reverts_the_rate_and_mix_only():
     # ... and needs no params.
     updates, _ = tx.update(grads, state, value=jnp.float32(1.0))
     chex.assert_trees_all_close(updates, jax.tree.map(lambda g: -BASE * g, grads), rtol=1e-6)
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_require_improvement_undoes_a_boost_that_leaves_the_run_on_its_plateau(require):
+    guard = ao.RollbackGuard(guard_windows=2, rtol=0.1, require_improvement=require)
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, cooldown=3, boost_warmup_steps=0,
+                           rollback=guard)
+    # Intervention at step 1; the two watched windows (steps 2, 3) are no better
+    # than the best (1.0) but within its 10% tolerance.
+    h = run(tx, [1.0, 1.0, 1.05, 1.02])
+    assert h[1]["count"] == 1
+    assert h[2]["rollbacks"] == 0  # the first watched window only has to be not much worse
+    assert h[3]["rollbacks"] == int(require)
+    if require:
+        assert h[3]["lr"] == pytest.approx(BASE)
+
+
+def test_require_improvement_keeps_a_boost_that_got_the_run_moving():
+    guard = ao.RollbackGuard(guard_windows=2, rtol=0.1, require_improvement=True)
+    tx = ao.plateau_escape(optax.sgd, BASE, patience=0, cooldown=3, boost_warmup_steps=0,
+                           rollback=guard)
+    h = run(tx, [1.0, 1.0, 1.02, 0.9, 0.85])
+    assert h[-1]["count"] >= 1 and h[-1]["rollbacks"] == 0
