@@ -193,8 +193,7 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
     options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
                    patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
     if strategy == "recommended":  # the preset is under test: its own settings win
-        preset = presets.recommended_options(cfg.window)
-        options = {k: v for k, v in options.items() if k not in preset}
+        options.update(presets.recommended_options(cfg.window))
 
     def tx_of(rate, seed=0):
         # The seed only draws the mix plan at init; it lives in the state after.

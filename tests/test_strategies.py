@@ -8,6 +8,7 @@ import pytest
 
 import adaptive_optax as ao
 from adaptive_optax import strategies
+from adaptive_optax.state import find_state
 
 
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
@@ -323,3 +324,13 @@ def test_learning_rate_is_checked_when_concrete_and_shaped_when_traced():
 def test_max_interventions_is_checked_for_every_strategy():
     with pytest.raises(ValueError, match="max_interventions"):
         strategies.make_optimizer("constant", 1e-3, total_steps=10, max_interventions=-1)
+
+
+def test_recommended_windows_are_the_callers_accumulation_steps():
+    # Built with accumulation_steps=5, the preset's ramp and windows are 5 steps long.
+    tx = strategies.make_optimizer("recommended", 1e-2, total_steps=20, accumulation_steps=5)
+    params = {"w": jnp.ones(4)}
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update({"w": jnp.full(4, 0.02)}, state, params, value=jnp.float32(1.0))
+    assert int(find_state(state).plateau.windows_completed) == 1
