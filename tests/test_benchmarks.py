@@ -184,3 +184,32 @@ def test_lr_grid_quick(tmp_path):
         assert all(0.0 <= d <= 1.0 for f in finals for d in f), (strategy, finals)
     # schedule-free's own grid: the optimizer's times 3.
     assert results["schedule-free"]["rates"] == pytest.approx([3e-3, 3e-2])
+
+
+def _grid_result(tuned, mean, jump, final):
+    return {"final_dice": final,
+            "summary": {"tuned dice": tuned, "grid mean": mean, "jump max": jump}}
+
+
+def test_lr_grid_targets_checks_and_refuses_mixed_runs(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    import lr_grid_targets as T
+
+    base = {"constant": _grid_result(0.80, 0.70, "-", [[0.8]]),
+            "schedule-free": _grid_result(0.84, 0.75, "-", [[0.84]])}
+    rec = {"recommended": _grid_result(0.836, 0.74, 1.6, [[0.83]])}
+    paths = []
+    for i, results in enumerate([base, rec]):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"results": {"shapes": {"adam": results}}}))
+    merged = T.merge([str(p) for p in paths])
+    rows = T.check(merged["shapes"]["adam"])
+    # grid mean 0.74 < 0.75 (schedule-free); tuned 0.836 >= 0.84 - 0.005; jump 1.6 >= 1.5.
+    assert [r[-1] for r in rows] == ["NO", "yes", "NO"]
+    assert "schedule-free" in rows[0][2]
+    # The same strategy with other results in two files: not the same runs.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"results": {"shapes": {"adam": {
+        "constant": _grid_result(0.80, 0.70, "-", [[0.79]])}}}}))
+    with pytest.raises(ValueError, match="constant on shapes/adam differs"):
+        T.merge([str(paths[0]), str(other)])

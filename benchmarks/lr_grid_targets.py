@@ -1,0 +1,112 @@
+"""Checks the recommended configuration against the learning-rate grid's targets.
+
+Reads one or more JSON files written by ``benchmarks/lr_grid.py --out`` and,
+for every data set and inner optimizer, compares ``recommended`` with the
+baselines (strategies that are not plateau escape: ``constant``, ``cosine``,
+``warmup-cosine``, ``sgdr``, ``reduce-on-plateau``, ``prodigy``,
+``schedule-free``) on the three targets of the grid:
+
+1. robustness: its grid mean >= every baseline's grid mean;
+2. tuned: its best over the grid >= the best tuned baseline - 0.005;
+3. safety: no post-intervention jump >= 1.5x.
+
+Several files can be merged (a full run of the baselines and a later run of
+``recommended`` alone, say). The runs are deterministic, so a strategy that
+appears in two files must have identical per-seed results there: this is
+checked, and a file pair that disagrees is refused rather than mixed.
+
+Run::
+
+    python benchmarks/lr_grid_targets.py benchmarks/results/lr_grid_cpu.json \\
+        benchmarks/results/lr_grid_recommended_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
+
+BASELINES = ("constant", "cosine", "warmup-cosine", "sgdr", "reduce-on-plateau", "prodigy",
+             "schedule-free")
+TUNED_SLACK = 0.005
+JUMP_LIMIT = 1.5
+
+
+def merge(paths: list[str]) -> dict:
+    """``{data: {optimizer: {strategy: result}}}`` from all files; later files add strategies.
+
+    Raises:
+        ValueError: If a strategy present in two files has different final Dice.
+    """
+    merged: dict = {}
+    for path in paths:
+        with open(path) as f:
+            results = json.load(f)["results"]
+        for data, by_opt in results.items():
+            for opt, by_strategy in by_opt.items():
+                slot = merged.setdefault(data, {}).setdefault(opt, {})
+                for strategy, result in by_strategy.items():
+                    if strategy in slot and slot[strategy]["final_dice"] != result["final_dice"]:
+                        raise ValueError(f"{strategy} on {data}/{opt} differs between the files "
+                                         f"(last: {path}): the runs are not the same runs.")
+                    slot[strategy] = result
+    return merged
+
+
+def _jump(result: dict) -> float | None:
+    value = result["summary"].get("jump max")
+    return None if value in (None, "-") else float(value)
+
+
+def check(by_strategy: dict, candidate: str = "recommended") -> list[list]:
+    """One row per target: the candidate's figure, the baseline's, and whether it is met."""
+    baselines = {s: by_strategy[s]["summary"] for s in BASELINES if s in by_strategy}
+    if candidate not in by_strategy or not baselines:
+        return []
+    mine = by_strategy[candidate]["summary"]
+    best_mean = max(baselines, key=lambda s: baselines[s]["grid mean"])
+    best_tuned = max(baselines, key=lambda s: baselines[s]["tuned dice"])
+    jump = _jump(by_strategy[candidate])
+    return [
+        ["grid mean >= every baseline's", f"{mine['grid mean']:.3f}",
+         f"{baselines[best_mean]['grid mean']:.3f} ({best_mean})",
+         "yes" if mine["grid mean"] >= baselines[best_mean]["grid mean"] else "NO"],
+        [f"tuned >= best tuned baseline - {TUNED_SLACK}", f"{mine['tuned dice']:.3f}",
+         f"{baselines[best_tuned]['tuned dice']:.3f} ({best_tuned})",
+         "yes" if mine["tuned dice"] >= baselines[best_tuned]["tuned dice"] - TUNED_SLACK
+         else "NO"],
+        [f"largest jump < {JUMP_LIMIT}x", "-" if jump is None else f"{jump:.3f}", "-",
+         "yes" if jump is None or jump < JUMP_LIMIT else "NO"],
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="JSON files from lr_grid.py --out")
+    parser.add_argument("--candidate", default="recommended",
+                        help="the strategy to check (default: recommended)")
+    args = parser.parse_args(argv)
+    print(f"# command: {C.command_line()}")
+    merged = merge(args.paths)
+    met = total = 0
+    for data, by_opt in merged.items():
+        for opt, by_strategy in by_opt.items():
+            rows = check(by_strategy, args.candidate)
+            if not rows:
+                continue
+            C.print_table(f"{data}, {opt}: {args.candidate} against the baselines",
+                          ["target", args.candidate, "best baseline", "met"], rows)
+            met += sum(r[-1] == "yes" for r in rows)
+            total += len(rows)
+    print(f"\n{met} of {total} targets met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
