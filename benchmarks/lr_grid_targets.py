@@ -18,7 +18,8 @@ checked, and a file pair that disagrees is refused rather than mixed.
 Run::
 
     python benchmarks/lr_grid_targets.py benchmarks/results/lr_grid_cpu.json \\
-        benchmarks/results/lr_grid_recommended_cpu.json
+        benchmarks/results/lr_grid_recommended_cpu.json --replace recommended \\
+        --plot benchmarks/results/lr_grid_cpu.png
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ TUNED_SLACK = 0.005
 JUMP_LIMIT = 1.5
 
 
-def merge(paths: list[str]) -> dict:
+def merge(paths: list[str], replace: tuple[str, ...] = ()) -> dict:
     """``{data: {optimizer: {strategy: result}}}`` from all files; later files add strategies.
+
+    Args:
+        paths: JSON files of ``lr_grid.py --out``.
+        replace: Strategies whose rows in a later file replace an earlier file's
+            (a re-run after a fix), instead of having to agree with them.
 
     Raises:
         ValueError: If a strategy present in two files has different final Dice.
@@ -52,7 +58,8 @@ def merge(paths: list[str]) -> dict:
             for opt, by_strategy in by_opt.items():
                 slot = merged.setdefault(data, {}).setdefault(opt, {})
                 for strategy, result in by_strategy.items():
-                    if strategy in slot and slot[strategy]["final_dice"] != result["final_dice"]:
+                    if (strategy in slot and strategy not in replace
+                            and slot[strategy]["final_dice"] != result["final_dice"]):
                         raise ValueError(f"{strategy} on {data}/{opt} differs between the files "
                                          f"(last: {path}): the runs are not the same runs.")
                     slot[strategy] = result
@@ -91,9 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="JSON files from lr_grid.py --out")
     parser.add_argument("--candidate", default="recommended",
                         help="the strategy to check (default: recommended)")
+    parser.add_argument("--replace", default="",
+                        help="comma-separated strategies whose rows in later files replace "
+                             "earlier ones (a re-run after a fix)")
+    parser.add_argument("--plot", default=None,
+                        help="redraw lr_grid.py's Dice-vs-rate plot from the merged rows")
     args = parser.parse_args(argv)
     print(f"# command: {C.command_line()}")
-    merged = merge(args.paths)
+    replace = tuple(s for s in args.replace.split(",") if s)
+    if replace:
+        print(f"# rows of {', '.join(replace)} taken from the last file that has them")
+    merged = merge(args.paths, replace)
     met = total = 0
     for data, by_opt in merged.items():
         for opt, by_strategy in by_opt.items():
@@ -105,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             met += sum(r[-1] == "yes" for r in rows)
             total += len(rows)
     print(f"\n{met} of {total} targets met")
+    if args.plot:
+        import lr_grid  # imports jax and flax: only when a plot is asked for
+
+        lr_grid.plot(args.plot, {(d, o): by_strategy for d, by_opt in merged.items()
+                                 for o, by_strategy in by_opt.items()})
     return 0
 
 
