@@ -48,13 +48,15 @@ def global_norm(tree) -> jax.Array:
     small kernels) are concatenated and reduced together, 64 at a time;
     larger ones are reduced one by one, as ``optax.tree.norm`` reduces every
     leaf. A reduction of a small leaf costs its launch, not its data: on a
-    GPU each is a kernel (the demo U-Net's 36 leaves, reduced one by one:
-    35 reduction kernels; with the small ones joined: 4, and XLA fuses the
-    concatenation into the reduction, nothing is copied). On CPU, joining leaves of 64k
-    elements made the reduction ~3x slower, joining ones below 4k ~2x
-    faster. Small leaves sharded over devices would be gathered to be
-    joined; at 16 KiB a leaf that costs little. The result equals
-    ``optax.tree.norm`` up to float rounding (another summation order).
+    GPU each is a kernel, so joining them cuts the reduction kernels of a
+    model with many small leaves to a few, and XLA fuses the concatenation
+    into the reduction (nothing is copied). Large leaves are not joined
+    because XLA:CPU writes a concatenation out before reducing it, which
+    costs more than the launches it saves past a few thousand elements
+    (``docs/design.md``, item 20, has the measurements). Small leaves
+    sharded over devices would be gathered to be joined; at 16 KiB a leaf
+    that costs little. The result equals ``optax.tree.norm`` up to float
+    rounding (another summation order).
 
     Args:
         tree: A pytree of arrays (gradients or updates).

@@ -2,18 +2,16 @@
 and two packed vectors.
 
 Why packed: every leaf of an optimizer state is a buffer that a jitted step
-takes in, donates and hands back (0.9-1.1 us of host time per leaf per step on
-CPU, ``benchmarks/overhead.py``'s state-leaf section), and on a GPU a scalar
-updated on its own is a kernel launch of its own.
-Stored one leaf per scalar, the state added 32 leaves to Adam's; packed, it
-adds 12. The scalars live in one float32 and one int32 vector. The update
+takes in, donates and hands back, a host cost per leaf and step, and on a GPU
+a scalar updated on its own is a kernel launch of its own. So the scalars live
+in one float32 and one int32 vector: the leaves the state adds to the inner
+optimizer's do not grow with the number of scalars. The update
 unpacks them into the readable records (:class:`PlateauState`,
 :class:`GradNormState`, :class:`InterventionState`, :class:`RollbackState`),
 works on those, and packs the result: the unpacking becomes slices that XLA
-fuses into their consumers, the packing one fused loop per vector. The
-optimized update of a 2-leaf model went from 68 HLO entry ops on CPU to 28
-(38 counting the ops inside the CPU skip's conditional; Adam alone: 9;
-``tests/test_state.py`` guards the count).
+fuses into their consumers, the packing one fused loop per vector, so the
+compiled update stays a few dozen ops (``tests/test_state.py`` bounds the
+count; the figures are in ``docs/design.md``, item 19).
 
 Written here rather than with ``jax.flatten_util.ravel_pytree``, which promotes
 all leaves to one dtype: int32 step counters stored as float32 would stop
@@ -258,8 +256,7 @@ def _pack(pieces, dtype) -> jax.Array:
 
     Written as selects over an index rather than ``jnp.concatenate``: XLA:CPU
     computes each operand of a concatenation in a fusion of its own (one
-    thunk per packed scalar), while the selects fuse into a single loop
-    (update of the tiny benchmark net: 75 -> 55 HLO entry ops).
+    thunk per packed scalar), while the selects fuse into a single loop.
     """
     pieces = [jnp.ravel(jnp.asarray(p, dtype)) for p in pieces]
     size = sum(p.shape[0] for p in pieces)

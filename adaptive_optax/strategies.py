@@ -40,8 +40,9 @@ Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -70,6 +71,10 @@ INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recomme
 # "recommended", the preset) does.
 DEFAULT_OPTIONS = MappingProxyType(dict(patience=2, accumulation_steps=1, cooldown=1, rtol=1e-4,
                                         max_interventions=3, seed=0))
+
+# make_optimizer's options that are plateau_escape's own; the others are the inner optimizer's.
+_ESCAPE_OPTIONS = frozenset(inspect.signature(plateau_escape).parameters) - {
+    "optimizer", "learning_rate", "optimizer_kwargs"}
 
 WARMUP_FRACTION = 0.05  # warm-up of warmup-cosine and schedule-free, a fraction of the run
 END_FRACTION = 0.01  # the decayed schedules end at this fraction of the peak
@@ -173,12 +178,32 @@ def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _split_options(options: dict[str, Any], optimizer_kwargs: Mapping[str, Any] | None,
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``(plateau_escape's options, the inner optimizer's keywords)`` of make_optimizer's."""
+    escape = {k: v for k, v in options.items() if k in _ESCAPE_OPTIONS}
+    loose = {k: v for k, v in options.items() if k not in _ESCAPE_OPTIONS}
+    if not loose:
+        return escape, optimizer_kwargs  # plateau_escape checks it
+    if optimizer_kwargs is None:
+        return escape, loose
+    if not isinstance(optimizer_kwargs, Mapping):
+        raise TypeError("optimizer_kwargs must be a mapping from the optimizer's keyword names "
+                        f"to their values or None, got optimizer_kwargs = {optimizer_kwargs!r}.")
+    both = sorted(set(loose) & set(optimizer_kwargs))
+    if both:
+        raise TypeError(f"make_optimizer got {both} both as options and in optimizer_kwargs; "
+                        "pass each once.")
+    return escape, {**loose, **optimizer_kwargs}
+
+
 def make_optimizer(
     strategy: str,
     learning_rate: float | jax.Array,
     *,
     total_steps: int,
     optimizer=optax.adam,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
     **options,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds the optax transformation of a named strategy.
@@ -198,10 +223,15 @@ def make_optimizer(
             (leave the default); ``schedule-free`` maps ``optax.adam`` or
             ``optax.adamw`` to ``schedule_free_adamw`` and ``optax.sgd`` to
             ``schedule_free_sgd`` (give it no ``momentum``: ``b1`` averages).
+        optimizer_kwargs: The inner optimizer's keywords, as for
+            :func:`plateau_escape`; needed only for a name that is also a
+            ``plateau_escape`` option (``seed`` of ``optax.noisy_sgd``).
         **options: :func:`plateau_escape` options and the inner optimizer's
-            keywords (``momentum=0.9`` for ``optax.sgd``, say). Unset ones
-            take :data:`DEFAULT_OPTIONS` (patience 2, accumulation_steps 1,
-            cooldown 1, rtol 1e-4, max_interventions 3, seed 0); for
+            keywords (``momentum=0.9`` for ``optax.sgd``, say): a name that
+            is a ``plateau_escape`` parameter goes to it, any other joins
+            ``optimizer_kwargs``. Unset options take :data:`DEFAULT_OPTIONS`
+            (patience 2, accumulation_steps 1, cooldown 1, rtol 1e-4,
+            max_interventions 3, seed 0); for
             ``recommended`` the preset's options come between the defaults
             and yours. ``policy=None`` is the strategy's policy
             (:func:`policy_for`). The non-intervening strategies always get
@@ -215,7 +245,8 @@ def make_optimizer(
             ``mode="max"`` is asked of ``reduce-on-plateau``, or
             ``optimizer`` does not fit ``prodigy``/``schedule-free``; the
             message names the argument.
-        TypeError: If a number has the wrong type.
+        TypeError: If a number has the wrong type, or a keyword is given
+            both in ``options`` and in ``optimizer_kwargs``.
 
     Example:
         >>> tx = make_optimizer("legacy", 1e-3, total_steps=100)
@@ -227,6 +258,7 @@ def make_optimizer(
     total_steps = check_int("total_steps", total_steps, 1)
     learning_rate = _check_learning_rate(learning_rate)
     inner = _inner_optimizer(strategy, optimizer)
+    options, optimizer_kwargs = _split_options(options, optimizer_kwargs)
     options = _options(strategy, options)
     options["max_interventions"] = check_int(
         "max_interventions", options["max_interventions"], 0, maximum=MAX_INTERVENTIONS_BOUND)
@@ -242,7 +274,8 @@ def make_optimizer(
     # A closure over the rate, not optax's schedule(peak) builders: those test
     # the peak in Python (warmup_cosine_decay_schedule's `peak_value == 0`),
     # which a traced rate cannot answer.
-    tx = plateau_escape(inner, lambda step: learning_rate * shape(step), **options)
+    tx = plateau_escape(inner, lambda step: learning_rate * shape(step),
+                        optimizer_kwargs=optimizer_kwargs, **options)
     if strategy == "reduce-on-plateau":
         # optax cuts when its count *equals* patience; ours acts on window
         # patience + 1, so the two strategies wait equally long.

@@ -28,8 +28,10 @@ writes them as records.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -40,7 +42,12 @@ from adaptive_optax._counters import increment_if
 from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
-from adaptive_optax.inner_optimizer import as_schedule, inject_learning_rate, with_learning_rate
+from adaptive_optax.inner_optimizer import (
+    as_schedule,
+    inject_learning_rate,
+    unexpected_keywords_error,
+    with_learning_rate,
+)
 from adaptive_optax.plateau import PlateauDetector
 from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import RollbackGuard, RollbackState
@@ -54,6 +61,26 @@ MAX_INTERVENTIONS_BOUND = 10_000
 DEFAULT_GUARD = RollbackGuard(restore_params=False)
 
 
+def _optimizer_keywords_apart(function):
+    """``function``, whose unknown keywords raise a TypeError that points to ``optimizer_kwargs``.
+
+    Python's own error would only say the keyword is unexpected; the one
+    unknown keyword most callers pass is an optimizer's own (``b1=0.95``).
+    """
+    parameters = inspect.signature(function).parameters
+
+    @functools.wraps(function)
+    def checked(*args, **kwargs):
+        unexpected = {k: v for k, v in kwargs.items() if k not in parameters}
+        if unexpected:
+            optimizer = args[0] if args else kwargs.get("optimizer")
+            raise unexpected_keywords_error(function.__name__, unexpected, optimizer, parameters)
+        return function(*args, **kwargs)
+
+    return checked
+
+
+@_optimizer_keywords_apart
 def plateau_escape(
     optimizer: Callable[..., optax.GradientTransformation],
     learning_rate: float | optax.Schedule,
@@ -73,17 +100,23 @@ def plateau_escape(
     max_learning_rate: float | None = None,
     rollback: RollbackGuard | None = DEFAULT_GUARD,
     skip_nonfinite_updates: bool = True,
-    **optimizer_kwargs,
+    optimizer_kwargs: Mapping[str, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """An optimizer that escapes loss plateaus by adaptive interventions.
 
     Wraps ``optimizer`` (a factory taking ``learning_rate``, such as
-    ``optax.adam``) and drives its learning rate. Call ``update`` with the
-    monitored value: ``tx.update(grads, state, params, value=loss)``
+    ``optax.adam``) and drives its learning rate. The optimizer's own
+    arguments go in ``optimizer_kwargs`` (or a ``functools.partial`` of the
+    factory), apart from these options: ``seed`` seeds the mix plan, while
+    ``optimizer_kwargs={"seed": 1}`` seeds ``optax.noisy_sgd``'s noise.
+    Call ``update`` with the monitored value:
+    ``tx.update(grads, state, params, value=loss)``
     (``flax.nnx.Optimizer.update(model, grads, value=loss)`` forwards it).
 
     Args:
-        optimizer: Optax optimizer factory with a ``learning_rate`` argument.
+        optimizer: Optax optimizer factory with a ``learning_rate`` argument,
+            or a ``functools.partial`` of one binding other arguments
+            (``functools.partial(optax.adam, b1=0.95)``), not the rate.
         learning_rate: Base learning rate, a float > 0 or an ``optax.Schedule``.
         patience: Non-improving windows tolerated before a plateau (>= 0).
         accumulation_steps: Steps averaged into one window (>= 1), e.g. an epoch.
@@ -92,7 +125,8 @@ def plateau_escape(
         rtol: Relative improvement threshold in ``[0, 1)``.
         atol: Absolute improvement threshold ``>= 0``.
         max_interventions: Cap on interventions (>= 0; 0 only monitors).
-        seed: Seed of the PRNG key kept in the state for random mix picks.
+        seed: Seed of the PRNG key kept in the state for random mix picks
+            (an optimizer's own seed goes in ``optimizer_kwargs``).
         policy: Boosts, mixes and resets; default :func:`adaptive_policy`.
         grad_norm_decay: Decay of the gradient-norm EMA, in ``[0, 1)``.
         boost_warmup_steps: Linear ramp into each boost (>= 0 steps); ``None``
@@ -112,7 +146,9 @@ def plateau_escape(
             the global norm (one reduction, already computed for the EMA), so
             finite gradients whose norm overflows float32 (entries ~1e19)
             count as non-finite too: by then the step is diverging anyway.
-        **optimizer_kwargs: Forwarded to ``optimizer`` (e.g. ``b1=0.95``).
+        optimizer_kwargs: The optimizer's own keyword arguments, e.g.
+            ``{"b1": 0.95}`` (they override a partial's); not
+            ``learning_rate``, which is injected.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -120,11 +156,16 @@ def plateau_escape(
 
     Raises:
         ValueError: On an invalid argument; the message names it and its range.
-        TypeError: If ``optimizer`` is not a factory taking ``learning_rate``.
+        TypeError: If ``optimizer`` is not a factory taking ``learning_rate``,
+            ``learning_rate`` is bound in it or given in ``optimizer_kwargs``,
+            a keyword of ``optimizer_kwargs`` does not fit the optimizer, or
+            an unknown keyword is passed here (the message shows how to pass
+            it to the optimizer: ``optimizer_kwargs={"b1": 0.95}``).
 
     Example:
         >>> import optax, jax.numpy as jnp
-        >>> tx = plateau_escape(optax.adam, 1e-3, patience=1, accumulation_steps=10)
+        >>> tx = plateau_escape(optax.adam, 1e-3, patience=1, accumulation_steps=10,
+        ...                     optimizer_kwargs={"b1": 0.95})
         >>> params = {"w": jnp.ones(3)}
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": jnp.ones(3)}, state, params, value=0.5)
@@ -171,8 +212,8 @@ def plateau_escape(
         inner_state = with_learning_rate(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
         # The key and the plan depend on the seed and the policy only: computed
         # op by op even inside jax.jit(init), they enter its program as
-        # constants (staged, the unrolled draws took ~20 s to compile at 100
-        # interventions).
+        # constants, so its compile time does not grow with max_interventions
+        # (staged, the draws unroll into the program; docs/design.md, item 17).
         with jax.ensure_compile_time_eval():
             key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
             if seed >> 32:  # without x64, PRNGKey would drop the high word of the seed
@@ -323,7 +364,7 @@ def plateau_escape(
         if rollback is not None:
             # A branch that passes the old snapshot through lets XLA:CPU write a
             # new one in place; a select over all parameters, with the restore
-            # reading the old snapshot, made it copy params and snapshot every
+            # reading the old snapshot, makes it copy params and snapshot every
             # step (2 parameter copies). On GPU/TPU `_either` is that select.
             snapshot = guard_state.snapshot_params
             if restores:
@@ -388,8 +429,7 @@ def update_unless_skipped(
       optimizer's update runs as it would alone. With selects, XLA:CPU
       recomputes the new moments in two fusions that both read the old ones,
       and copies Adam's ``mu`` and ``nu`` every step to keep their donated
-      buffers safe (2 parameter-sized copies: 2.5x Adam at 1.3e6 parameters
-      against 1.8x with the cond; the global norm alone costs 1.5-1.6x there).
+      buffers safe (2 parameter-sized copies; docs/design.md, item 15).
     * GPU/TPU: elementwise selects, which XLA fuses into the moment updates. A
       conditional's predicate would be copied to the host every step.
 

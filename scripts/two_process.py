@@ -94,7 +94,8 @@ def train(process_id: int | None, port: int | None, steps: int, out_path: str) -
     # +-lr steps that differ between reduction orders. The comparison is about
     # data parallelism, not about that amplification.
     tx = ao.plateau_escape(optax.adam, 1e-3, patience=0, cooldown=1, rtol=0.02,
-                           max_interventions=3, policy=policy, eps=1e-4)
+                           max_interventions=3, policy=policy,
+                           optimizer_kwargs={"eps": 1e-4})
     graphdef, state = init_train_state(model, tx)
     state = parallel.replicate(state, mesh)
     step = parallel.data_parallel(

@@ -188,7 +188,12 @@ def targets() -> list[Target]:
                    rollback=[(ao.RollbackGuard(), OK), (None, OK),
                              (ao.RollbackGuard(restore_params=False), OK), (True, BAD),
                              ("guard", BAD)],
-                   b1=[(0.9, OK), ("x", BAD)],
+                   # nesterov: an argument of both optimizers of the pool (sgd and adam).
+                   optimizer_kwargs=[({"nesterov": True}, OK), ({}, OK), (None, OK),
+                                     ({"b1": "x"}, BAD), ({"learning_rate": 0.1}, BAD),
+                                     ({"bogus": 1}, BAD), ("x", BAD), ([("b1", 0.9)], BAD),
+                                     ({1: 0.9}, BAD)],
+                   b1=[(0.9, BAD)],  # the old spelling: optimizer_kwargs={"b1": 0.9}
                    bogus_option=[(1, BAD)],
                ),
                use=use_tx),

@@ -65,7 +65,8 @@ def build(policy: ao.InterventionPolicy):
     # +-lr steps that differ between reduction orders. The comparison is about
     # data parallelism, not about that amplification.
     tx = ao.plateau_escape(optax.adam, 1e-3, patience=0, cooldown=2, rtol=0.02,
-                           max_interventions=3, policy=policy, eps=1e-4)
+                           max_interventions=3, policy=policy,
+                           optimizer_kwargs={"eps": 1e-4})
     return init_train_state(model, tx)
 
 

@@ -334,3 +334,44 @@ def test_recommended_windows_are_the_callers_accumulation_steps():
     for _ in range(5):
         _, state = tx.update({"w": jnp.full(4, 0.02)}, state, params, value=jnp.float32(1.0))
     assert int(find_state(state).plateau.windows_completed) == 1
+
+
+def test_options_split_between_plateau_escape_and_the_inner_optimizer(monkeypatch):
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    strategies.make_optimizer("constant", 0.1, total_steps=10, optimizer=optax.sgd,
+                              momentum=0.9, patience=3)
+    assert seen["optimizer_kwargs"] == {"momentum": 0.9} and seen["patience"] == 3
+    assert "momentum" not in seen
+    strategies.make_optimizer("constant", 0.1, total_steps=10)
+    assert seen["optimizer_kwargs"] is None
+    # A name both take goes to plateau_escape; optimizer_kwargs reach the optimizer.
+    strategies.make_optimizer("adaptive", 0.1, total_steps=10, optimizer=optax.noisy_sgd,
+                              seed=7, optimizer_kwargs={"seed": 1})
+    assert seen["seed"] == 7 and seen["optimizer_kwargs"] == {"seed": 1}
+    strategies.make_optimizer("constant", 0.1, total_steps=10, optimizer=optax.sgd,
+                              momentum=0.9, optimizer_kwargs={"nesterov": True})
+    assert seen["optimizer_kwargs"] == {"momentum": 0.9, "nesterov": True}
+
+
+def test_the_inner_optimizers_keywords_act():
+    second = {m: _two_updates("constant", 0.1, optimizer=optax.sgd, momentum=m)[1][0]
+              for m in (0.0, 0.9)}
+    # Step 2 of SGD with momentum 0.9 adds 0.9 of step 1's update.
+    first = _two_updates("constant", 0.1, optimizer=optax.sgd, momentum=0.0)[0][0]
+    np.testing.assert_allclose(second[0.9], second[0.0] + 0.9 * first, rtol=1e-6)
+
+
+def test_inner_keywords_given_twice_or_unknown_are_refused():
+    with pytest.raises(TypeError, match=r"\['momentum'\] both as options and in optimizer_kwargs"):
+        strategies.make_optimizer("constant", 0.1, total_steps=10, optimizer=optax.sgd,
+                                  momentum=0.9, optimizer_kwargs={"momentum": 0.5})
+    with pytest.raises(TypeError, match=r"optimizer_kwargs\['bogus'\]: not an argument of 'sgd'"):
+        strategies.make_optimizer("constant", 0.1, total_steps=10, optimizer=optax.sgd, bogus=1)

@@ -203,11 +203,37 @@ def test_seeds_past_32_bits_give_their_own_keys():
     assert key(7) == tuple(np.asarray(jax.random.key_data(jax.random.PRNGKey(7))).tolist())
 
 
+def test_seed_seeds_the_mix_plan_and_optimizer_kwargs_seed_the_optimizer():
+    # optax.noisy_sgd takes a seed too: each goes where it is passed.
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.full(3, 0.1)}
+
+    def first(tx):
+        state = tx.init(params)
+        updates, _ = tx.update(grads, state, params, value=1.0)
+        return updates["w"], np.asarray(ao.state_field(state, "rng_key")).tolist()
+
+    updates, key = first(ao.plateau_escape(optax.noisy_sgd, 0.1, seed=7,
+                                           optimizer_kwargs={"seed": 1}))
+    assert key == np.asarray(jax.random.key_data(jax.random.PRNGKey(7))).tolist()
+    alone = optax.noisy_sgd(0.1, seed=1)
+    expected, _ = alone.update(grads, alone.init(params), params)
+    np.testing.assert_allclose(updates, expected["w"], rtol=1e-6)
+    other_noise, same_key = first(ao.plateau_escape(optax.noisy_sgd, 0.1, seed=7,
+                                                    optimizer_kwargs={"seed": 2}))
+    assert same_key == key and not np.allclose(other_noise, updates)
+    same_noise, other_key = first(ao.plateau_escape(optax.noisy_sgd, 0.1, seed=1,
+                                                    optimizer_kwargs={"seed": 1}))
+    assert other_key != key
+    np.testing.assert_array_equal(same_noise, updates)
+
+
 @pytest.mark.parametrize("name", ["learning_rate", "intervention_count", "grad_norm_ema",
                                   "best_value", "plateau_count", "loss_weights"])
 def test_fields_readable_and_unique_inside_chain(name):
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     ao.plateau_escape(optax.adamw, BASE, weight_decay=1e-4))
+                     ao.plateau_escape(optax.adamw, BASE,
+                                       optimizer_kwargs={"weight_decay": 1e-4}))
     params = {"w": jnp.ones(4)}
     state = tx.init(params)
     _, state = tx.update(grads_with_norm(0.1), state, params, value=jnp.float32(1.0))
