@@ -17,7 +17,12 @@ later boost shrinks towards 1 by ``shrink`` per rollback, and the next
 intervention uses the final, balanced mix; the ones after it follow the plan
 again) or stop altogether (``stop_after_rollback``).
 
-Memory: one copy of the parameters, in their own dtype. The inner optimizer
+Besides the windows, every watched step is checked (:meth:`RollbackGuard.step_worse`):
+the running mean since the intervention against the best before it, so a boost
+that blows up is undone within steps.
+
+Memory: one copy of the parameters, in their own dtype (none with
+``restore_params=False``, which reverts only the rate and the mix). The inner optimizer
 state is not snapshotted (that would cost Adam two more copies); it can be
 re-initialised on rollback with ``reset_optimizer``. Per step, the snapshot
 is rewritten only when the step intervenes on CPU (a ``lax.cond``), and by
@@ -60,7 +65,10 @@ class RollbackState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class RollbackGuard:
-    """Configuration of the rollback guard (off unless passed to ``plateau_escape``).
+    """Configuration of the rollback guard.
+
+    ``plateau_escape`` uses ``RollbackGuard(restore_params=False)`` unless given
+    another guard or ``rollback=None``.
 
     Args:
         guard_windows: Valid windows after an intervention that are watched (>= 1).
