@@ -491,6 +491,36 @@ def _stack(
     )
 
 
+def _check_crop_options(crop_size, num_train, max_instances, val_fraction, augment):
+    """The options shared by the crop-based real data sets, checked (errors name them)."""
+    return (check_int("crop_size", crop_size, 8),
+            check_int("num_train", num_train, 1),
+            check_int("max_instances", max_instances, 1, maximum=2**63 - 1),
+            check_float("val_fraction", val_fraction, low=0.0, high=1.0,
+                        low_open=True, high_open=True),
+            check_bool("augment", augment))
+
+
+def _training_crops(image: np.ndarray, labels: np.ndarray, windows: list, rng, augment: bool
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Crops ``image`` and ``labels`` at ``windows``, each flipped and rotated at random.
+
+    The flips and rotations are drawn from ``rng`` whether or not ``augment`` is
+    on, after the caller drew the windows, so a data set's crops do not depend
+    on ``augment``.
+    """
+    flips = rng.uniform(size=(len(windows), 2)) < 0.5
+    rotations = rng.integers(0, 4, size=len(windows))
+    images, crop_labels = [], []
+    for window, flip, rotation in zip(windows, flips, rotations):
+        crop, crop_label = image[window], labels[window]
+        if augment:
+            crop, crop_label = _augment(crop, crop_label, flip, int(rotation))
+        images.append(crop)
+        crop_labels.append(crop_label)
+    return images, crop_labels
+
+
 def nuclei_dataset(
     *,
     crop_size: int = 64,
@@ -538,12 +568,8 @@ def nuclei_dataset(
         >>> train.images.shape, val.images.shape
         ((16, 64, 64, 1), (16, 64, 64, 1))
     """
-    crop_size = check_int("crop_size", crop_size, 8)
-    num_train = check_int("num_train", num_train, 1)
-    max_instances = check_int("max_instances", max_instances, 1, maximum=2**63 - 1)
-    val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0,
-                               low_open=True, high_open=True)
-    augment = check_bool("augment", augment)
+    crop_size, num_train, max_instances, val_fraction, augment = _check_crop_options(
+        crop_size, num_train, max_instances, val_fraction, augment)
     image, labels = _load_nuclei()
     height, width = image.shape
     split = int(round(width * (1.0 - val_fraction)))
@@ -557,16 +583,8 @@ def nuclei_dataset(
     rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
     ys = rng.integers(0, height - crop_size + 1, size=num_train)
     xs = rng.integers(0, split - crop_size + 1, size=num_train)
-    flips = rng.uniform(size=(num_train, 2)) < 0.5
-    rotations = rng.integers(0, 4, size=num_train)
-    train_images, train_labels = [], []
-    for i in range(num_train):
-        window = (slice(ys[i], ys[i] + crop_size), slice(xs[i], xs[i] + crop_size))
-        crop, crop_labels = image[window], labels[window]
-        if augment:
-            crop, crop_labels = _augment(crop, crop_labels, flips[i], int(rotations[i]))
-        train_images.append(crop)
-        train_labels.append(crop_labels)
+    windows = [(slice(y, y + crop_size), slice(x, x + crop_size)) for y, x in zip(ys, xs)]
+    train_images, train_labels = _training_crops(image, labels, windows, rng, augment)
 
     val_images, val_labels = [], []
     for y in range(0, height - crop_size + 1, crop_size):
@@ -706,12 +724,8 @@ def grey_matter_dataset(
         >>> train.images.shape, val.images.shape
         ((16, 64, 64, 1), (20, 64, 64, 1))
     """
-    crop_size = check_int("crop_size", crop_size, 8)
-    num_train = check_int("num_train", num_train, 1)
-    max_instances = check_int("max_instances", max_instances, 1, maximum=2**63 - 1)
-    val_fraction = check_float("val_fraction", val_fraction, low=0.0, high=1.0,
-                               low_open=True, high_open=True)
-    augment = check_bool("augment", augment)
+    crop_size, num_train, max_instances, val_fraction, augment = _check_crop_options(
+        crop_size, num_train, max_instances, val_fraction, augment)
     image, mask = _load_grey_matter()
     depth, height, width = image.shape
     if crop_size > min(height, width):
@@ -731,16 +745,10 @@ def grey_matter_dataset(
     zs = rng.integers(0, split, size=num_train)
     ys = rng.integers(0, height - crop_size + 1, size=num_train)
     xs = rng.integers(0, width - crop_size + 1, size=num_train)
-    flips = rng.uniform(size=(num_train, 2)) < 0.5
-    rotations = rng.integers(0, 4, size=num_train)
-    train_images, train_labels = [], []
-    for i in range(num_train):
-        window = (zs[i], slice(ys[i], ys[i] + crop_size), slice(xs[i], xs[i] + crop_size))
-        crop, crop_mask = image[window], mask[window]
-        if augment:
-            crop, crop_mask = _augment(crop, crop_mask, flips[i], int(rotations[i]))
-        train_images.append(crop)
-        train_labels.append(_components(crop_mask))
+    windows = [(z, slice(y, y + crop_size), slice(x, x + crop_size))
+               for z, y, x in zip(zs, ys, xs)]
+    train_images, train_masks = _training_crops(image, mask, windows, rng, augment)
+    train_labels = [_components(m) for m in train_masks]
 
     rows, cols = height // crop_size, width // crop_size
     top, left = (height - rows * crop_size) // 2, (width - cols * crop_size) // 2
