@@ -20,6 +20,7 @@ import re
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,22 @@ def resolve_timing_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.block_seconds is None:
         args.block_seconds = 0.05 if args.quick else 0.25
     return args
+
+
+def set_compile_cache(setting: str):
+    """Turns JAX's persistent compilation cache on for ``--compile-cache SETTING``.
+
+    ``"off"``: nothing; ``"tmp"``: a temporary directory, returned so the caller
+    can clean it up; anything else: that directory. Runs that differ only in
+    seed or data set then share one compile.
+    """
+    if setting == "off":
+        return None
+    tmp = tempfile.TemporaryDirectory(prefix="jax_cache_") if setting == "tmp" else None
+    jax.config.update("jax_compilation_cache_dir", tmp.name if tmp else setting)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return tmp
 
 
 # --------------------------------------------------------------------------- header / output

@@ -90,7 +90,6 @@ import functools
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -580,21 +579,10 @@ def load(name: str, cfg) -> tuple[Any, Any] | None:
         return None
 
 
-def set_compile_cache(setting: str):
-    """Turns the persistent compilation cache on; returns a TemporaryDirectory to clean up."""
-    if setting == "off":
-        return None
-    tmp = tempfile.TemporaryDirectory(prefix="jax_cache_") if setting == "tmp" else None
-    jax.config.update("jax_compilation_cache_dir", tmp.name if tmp else setting)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    return tmp
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs every (data set, optimizer, strategy) grid; prints, plots and writes the results."""
     cfg = parse_args(argv)
-    tmp = set_compile_cache(cfg.compile_cache)
+    tmp = C.set_compile_cache(cfg.compile_cache)
     env = C.print_header("learning-rate grid: strategies x rates x seeds", timed=False)
     print(f"# settings: {', '.join(f'{k}={v}' for k, v in sorted(vars(cfg).items()))}")
     print(f"# model: TinyConvNet width {cfg.width} "

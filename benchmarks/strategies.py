@@ -41,12 +41,10 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -259,17 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     data_names = list(DATA_SETS) if cfg.data == "both" else [cfg.data]
 
-    cache_dir = None
-    tmp = None
-    if cfg.compile_cache != "off":
-        if cfg.compile_cache == "tmp":
-            tmp = tempfile.TemporaryDirectory(prefix="jax_cache_")
-            cache_dir = tmp.name
-        else:
-            cache_dir = cfg.compile_cache
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    tmp = C.set_compile_cache(cfg.compile_cache)
 
     env = C.print_header("training strategies: same model, data and step budget", timed=False)
     print(f"# settings: {', '.join(f'{k}={v}' for k, v in sorted(vars(cfg).items()))}")
