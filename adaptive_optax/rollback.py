@@ -157,6 +157,40 @@ class RollbackGuard:
         margin = self.rtol * jnp.abs(reference) + self.atol
         return jnp.isfinite(reference) & (sign * value > sign * reference + margin)
 
+    def fails(self, state: RollbackState, plateau, event, detector, probe_sum: jax.Array,
+              probe_count: jax.Array) -> jax.Array:
+        """Whether the intervention under watch fails on this step (the caller ANDs ``watching``).
+
+        A closed valid window worse than the best before the intervention
+        (:meth:`is_worse`), a closed window without a finite value
+        (``rollback_on_nonfinite``), the per-step check (:meth:`step_worse`),
+        and with ``require_improvement`` a last watched window that does not
+        improve on that best (the detector's own test).
+
+        Args:
+            state: The guard's state before this step.
+            plateau: The detector's state after this step
+                (:class:`~adaptive_optax.plateau.PlateauState`).
+            event: This step's :class:`~adaptive_optax.plateau.WindowEvent`.
+            detector: The :class:`~adaptive_optax.plateau.PlateauDetector`.
+            probe_sum: :meth:`probe`'s sum after this step.
+            probe_count: :meth:`probe`'s count after this step.
+
+        Returns:
+            A bool scalar.
+        """
+        worse = event.valid & self.is_worse(plateau.window_value, state.snapshot_value,
+                                            detector.sign)
+        if self.rollback_on_nonfinite:
+            worse = worse | (event.closed & ~event.valid)  # no finite value: diverged
+        # Checked every step, so a boost that blows up is undone within a few steps.
+        worse = worse | self.step_worse(probe_sum, probe_count, state, detector.sign)
+        if self.require_improvement:  # the watch's last window must beat the old best
+            last = event.valid & (state.guard_windows_left == 1)
+            worse = worse | (last & ~detector.is_better(plateau.window_value,
+                                                        state.snapshot_value))
+        return worse
+
     def probe(self, state: RollbackState, value: jax.Array, watching: jax.Array
               ) -> tuple[jax.Array, jax.Array]:
         """Folds one monitored value into the watched steps' excess sum.

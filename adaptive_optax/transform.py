@@ -256,8 +256,9 @@ def plateau_escape(
             raise ValueError(f"value must be a scalar, got shape {value.shape}; reduce it "
                              "(e.g. with jnp.mean) before passing it.")
         if params is None and (may_reset or restores):
-            raise ValueError("plateau_escape with an optimizer reset or a rollback guard "
-                             "needs params: call tx.update(grads, state, params, value=...).")
+            raise ValueError("plateau_escape with an optimizer reset or a rollback guard that "
+                             "restores parameters needs params: call "
+                             "tx.update(grads, state, params, value=...).")
 
         # The records are views of the packed vectors: XLA fuses their slices
         # into the ops that read them.
@@ -284,18 +285,8 @@ def plateau_escape(
         if rollback is not None:
             watching = guard_state.guard_windows_left > 0
             probe_sum, probe_count = rollback.probe(guard_state, monitored, watching)
-            worse = event.valid & rollback.is_worse(
-                plateau_state.window_value, guard_state.snapshot_value, detector.sign)
-            if rollback.rollback_on_nonfinite:
-                worse = worse | (event.closed & ~event.valid)  # no finite value: diverged
-            # Checked every step, so a boost that blows up is undone within a few steps.
-            worse = worse | rollback.step_worse(probe_sum, probe_count, guard_state,
-                                                detector.sign)
-            if rollback.require_improvement:  # the watch's last window must beat the old best
-                last = event.valid & (guard_state.guard_windows_left == 1)
-                worse = worse | (last & ~detector.is_better(plateau_state.window_value,
-                                                            guard_state.snapshot_value))
-            rolled_back = watching & worse
+            rolled_back = watching & rollback.fails(guard_state, plateau_state, event, detector,
+                                                    probe_sum, probe_count)
             if rollback.stop_after_rollback:
                 limit = limit | (guard_state.rollback_count > 0) | rolled_back
         intervene = event.plateau & ~limit & ~rolled_back
