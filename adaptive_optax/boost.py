@@ -17,8 +17,12 @@ Boosts are always relative to the base schedule, never compounded.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+__all__ = ["BoostRamp", "boost_multiplier"]
 
 
 def boost_multiplier(
@@ -60,3 +64,30 @@ def boost_multiplier(
         fall = jnp.clip((t - warmup_steps) / float(decay_steps), 0.0, 1.0)
         multiplier = jnp.where(t < warmup_steps, multiplier, boost_to + (1.0 - boost_to) * fall)
     return multiplier
+
+
+@dataclasses.dataclass(frozen=True)
+class BoostRamp:
+    """The ramp of :func:`boost_multiplier`, read off an intervention record.
+
+    Args:
+        warmup_steps: Length of the ramp into each boost (>= 0).
+        decay_steps: Length of the decay back to 1, or ``None`` to hold.
+
+    Example:
+        >>> from adaptive_optax.policy import InterventionPolicy
+        >>> record = InterventionPolicy().init(0, 3)._replace(boost_to=jnp.float32(4.0),
+        ...                                                   boost_step=jnp.int32(0))
+        >>> float(BoostRamp(warmup_steps=3).multiplier(record, jnp.int32(3)))
+        4.0
+    """
+
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+
+    def multiplier(self, intervention, step: jax.Array) -> jax.Array:
+        """The multiplier at ``step`` of the boost recorded in ``intervention``
+        (an :class:`~adaptive_optax.policy.InterventionState`)."""
+        return boost_multiplier(step - intervention.boost_step, intervention.boost_from,
+                                intervention.boost_to, warmup_steps=self.warmup_steps,
+                                decay_steps=self.decay_steps)

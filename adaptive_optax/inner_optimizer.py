@@ -193,6 +193,25 @@ def with_learning_rate(inner_state, lr: jax.Array):
     return inner_state._replace(hyperparams=hyperparams)
 
 
+def reset_where(inner: optax.GradientTransformation, inner_state, reset: jax.Array, params):
+    """``inner_state`` re-initialised from ``params`` where ``reset``; the injected
+    hyperparameters (the rate) are kept either way."""
+    fresh = inner.init(params)._replace(hyperparams=inner_state.hyperparams)
+    return optax.tree.where(reset, fresh, inner_state)
+
+
+def unaliased(inner_state, params):
+    """``inner_state`` with its leaves that *are* parameter arrays copied.
+
+    Optimizers that keep parameter values (prodigy's ``params0``, schedule-free's
+    ``z``) return the parameter arrays themselves from ``init``; a train step
+    that donates both the parameters and the state would then donate one
+    buffer twice, which XLA refuses at the first step.
+    """
+    ids = {id(p) for p in jax.tree.leaves(params)}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in ids else x, inner_state)
+
+
 def _build(optimizer, optimizer_kwargs) -> optax.GradientTransformationExtraArgs:
     def with_rate(learning_rate):
         return optimizer(learning_rate=learning_rate, **optimizer_kwargs)

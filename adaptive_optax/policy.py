@@ -285,6 +285,70 @@ class InterventionPolicy:
             picks.append(current)
         return jnp.stack(picks).astype(jnp.int32)
 
+    def init(self, seed: int, max_interventions: int) -> InterventionState:
+        """The record before any intervention, with the plan drawn from ``seed``.
+
+        The key and the plan depend on the seed and the policy only: computed
+        op by op even inside ``jax.jit(init)``, they enter its program as
+        constants, so its compile time does not grow with ``max_interventions``
+        (staged, the draws would unroll into the program; docs/design.md, item 17).
+
+        Args:
+            seed: Integer in ``[0, 2**63)``; its high word is folded into the key.
+            max_interventions: The cap; the plan has ``max(cap, 1)`` entries.
+
+        Returns:
+            An :class:`InterventionState` with multiplier 1 and the initial mix.
+
+        Example:
+            >>> int(InterventionPolicy().init(0, 3).intervention_count)
+            0
+        """
+        with jax.ensure_compile_time_eval():
+            key = jax.random.PRNGKey(seed & 0xFFFFFFFF)
+            if seed >> 32:  # without x64, PRNGKey would drop the high word of the seed
+                key = jax.random.fold_in(key, seed >> 32)
+            if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+                key = jax.random.key_data(key)
+            planned_mix_index = self.plan_mixes(key, max_interventions)
+        one = jnp.ones([], jnp.float32)
+        return InterventionState(
+            intervention_count=jnp.zeros([], jnp.int32),
+            lr_multiplier=one,
+            boost_from=one,
+            boost_to=one,
+            boost_step=jnp.full([], -1, jnp.int32),
+            mix_index=jnp.asarray(self.initial_index, jnp.int32),
+            planned_mix_index=planned_mix_index,
+            rng_key=key,
+            conservatism=one,
+            force_final_mix=jnp.zeros([], jnp.bool_),
+        )
+
+    def apply(self, state: InterventionState, decision: Decision, intervene: jax.Array,
+              step: jax.Array, multiplier_now: jax.Array) -> InterventionState:
+        """The record after ``decision``, where ``intervene``; else ``state`` unchanged.
+
+        Args:
+            state: The record before this step.
+            decision: This step's :meth:`decide`.
+            intervene: bool []: the step intervenes.
+            step: The step's index (the boost's ramp starts there).
+            multiplier_now: The multiplier in force before the intervention
+                (the ramp starts from it, so the rate never drops).
+
+        Returns:
+            The new record; ``lr_multiplier`` is left for the caller's ramp.
+        """
+        return state._replace(
+            intervention_count=state.intervention_count + intervene.astype(jnp.int32),
+            boost_from=jnp.where(intervene, multiplier_now, state.boost_from),
+            boost_to=jnp.where(intervene, decision.boost, state.boost_to),
+            boost_step=jnp.where(intervene, step, state.boost_step),
+            mix_index=jnp.where(intervene, decision.mix_index, state.mix_index),
+            force_final_mix=state.force_final_mix & ~intervene,
+        )
+
     def decide(
         self,
         state: InterventionState,

@@ -21,6 +21,13 @@ Besides the windows, every watched step is checked (:meth:`RollbackGuard.step_wo
 the running mean since the intervention against the best before it, so a boost
 that blows up is undone within steps.
 
+The guard owns its transitions: :meth:`RollbackGuard.check` gives the step's
+:class:`Verdict`, :meth:`~RollbackGuard.revert` puts the intervention record
+back on a rollback, and :meth:`~RollbackGuard.update` writes the next snapshot
+and counters (and, when it restores, the restoring update). Without a guard,
+:data:`NO_GUARD` (a :class:`NoGuard`) answers the same calls with "no
+rollback", so the update has no branch for it.
+
 Memory: one copy of the parameters, in their own dtype (none with
 ``restore_params=False``, which reverts only the rate and the mix). The inner optimizer
 state is not snapshotted (that would cost Adam two more copies); it can be
@@ -37,8 +44,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from adaptive_optax._validation import check_bool, check_float, check_int
+from adaptive_optax.conditional import either, typed_like
+
+__all__ = ["NO_GUARD", "NoGuard", "NoSnapshot", "RollbackGuard", "RollbackState", "Verdict"]
 
 
 class NoSnapshot(NamedTuple):
@@ -61,6 +72,15 @@ class RollbackState(NamedTuple):
     probe_count: jax.Array  # int32 [], finite values in probe_sum
     guard_windows_left: jax.Array  # int32 [], windows still watched
     rollback_count: jax.Array  # int32 [], rollbacks so far
+
+
+class Verdict(NamedTuple):
+    """What the guard found on one step (:meth:`RollbackGuard.check`)."""
+
+    rolled_back: jax.Array  # bool [], the intervention under watch is undone on this step
+    watching: jax.Array  # bool [], an intervention was under watch before this step
+    probe_sum: jax.Array  # float32 [], RollbackState.probe_sum after this step
+    probe_count: jax.Array  # int32 [], RollbackState.probe_count after this step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +172,130 @@ class RollbackGuard:
             rollback_count=jnp.zeros([], jnp.int32),
         )
 
+    def check(self, state: RollbackState, plateau, event, detector, value: jax.Array) -> Verdict:
+        """This step's verdict on the intervention under watch.
+
+        Args:
+            state: The guard's state before this step.
+            plateau: The detector's state after this step.
+            event: This step's :class:`~adaptive_optax.plateau.WindowEvent`.
+            detector: The :class:`~adaptive_optax.plateau.PlateauDetector`.
+            value: This step's monitored value (NaN for a skipped step).
+
+        Returns:
+            The :class:`Verdict`; ``rolled_back`` is :meth:`fails` while watching.
+        """
+        watching = state.guard_windows_left > 0
+        probe_sum, probe_count = self.probe(state, value, watching)
+        rolled_back = watching & self.fails(state, plateau, event, detector, probe_sum,
+                                            probe_count)
+        return Verdict(rolled_back, watching, probe_sum, probe_count)
+
+    def permits(self, state: RollbackState, verdict: Verdict) -> jax.Array:
+        """Whether an intervention may happen on this step: never on a rollback's
+        step, and with ``stop_after_rollback`` never after one."""
+        allowed = ~verdict.rolled_back
+        if self.stop_after_rollback:
+            allowed = allowed & (state.rollback_count == 0)
+        return allowed
+
+    def revert(self, intervention, state: RollbackState, verdict: Verdict):
+        """The intervention record after this step's rollback, if any.
+
+        A rollback puts back the boost in force before the intervention (ramp
+        or decay included, as if it had not happened) and its mix, shrinks
+        later boosts by ``shrink`` and sends the next intervention to the
+        final mix.
+
+        Args:
+            intervention: The :class:`~adaptive_optax.policy.InterventionState`
+                after this step's policy (unchanged by it on a rollback's step).
+            state: The guard's state before this step.
+            verdict: This step's :meth:`check`.
+
+        Returns:
+            The record, reverted where ``verdict.rolled_back``.
+        """
+        back = verdict.rolled_back
+        return intervention._replace(
+            boost_from=jnp.where(back, state.snapshot_boost_from, intervention.boost_from),
+            boost_to=jnp.where(back, state.snapshot_boost_to, intervention.boost_to),
+            boost_step=jnp.where(back, state.snapshot_boost_step, intervention.boost_step),
+            mix_index=jnp.where(back, state.snapshot_mix_index, intervention.mix_index),
+            conservatism=jnp.where(back, intervention.conservatism * self.shrink,
+                                   intervention.conservatism),
+            force_final_mix=intervention.force_final_mix | back,
+        )
+
+    def keeps_update(self, verdict: Verdict) -> jax.Array | bool:
+        """Whether the inner optimizer steps: not when this step restores the parameters."""
+        return ~verdict.rolled_back if self.restore_params else True
+
+    def reset_params(self, state: RollbackState, params, verdict: Verdict):
+        """The parameters an optimizer reset starts from: the snapshot on a restoring rollback.
+
+        An optimizer whose state holds parameter values (schedule-free's
+        ``z``) must restart where the rollback puts the model, or its next
+        step moves the model back. XLA drops the select for optimizers whose
+        ``init`` reads only shapes (Adam, SGD).
+        """
+        if not (self.restore_params and self.reset_optimizer):
+            return params
+        return jax.tree.map(lambda s, p: jnp.where(verdict.rolled_back, s.astype(p.dtype), p),
+                            state.snapshot_params, params)
+
+    def update(self, state: RollbackState, verdict: Verdict, intervene: jax.Array,
+               before, plateau, event, params, updates) -> tuple[Any, RollbackState]:
+        """The step's updates and the guard's next state.
+
+        An intervention snapshots what it changes (the boost in force, the mix,
+        the best value and the window's spread; the parameters when restoring)
+        and starts the watch; a rollback ends it, and when restoring replaces
+        the updates by ``snapshot - params``.
+
+        Args:
+            state: The guard's state before this step.
+            verdict: This step's :meth:`check`.
+            intervene: bool []: this step intervenes.
+            before: The :class:`~adaptive_optax.policy.InterventionState` before this step.
+            plateau: The detector's state after this step.
+            event: This step's :class:`~adaptive_optax.plateau.WindowEvent`.
+            params: The parameters before this step's update.
+            updates: The inner optimizer's updates.
+
+        Returns:
+            ``(updates, new_state)``.
+        """
+        back = verdict.rolled_back
+        snapshot = state.snapshot_params
+        if self.restore_params:
+            # A branch that passes the old snapshot through lets XLA:CPU write a
+            # new one in place; a select over all parameters, with the restore
+            # reading the old snapshot, makes it copy params and snapshot every
+            # step (2 parameter copies). On GPU/TPU `either` is that select.
+            snapshot = either(intervene, lambda: typed_like(state.snapshot_params, params),
+                              lambda typed: typed_like(typed, state.snapshot_params))
+            # On a rollback there is no intervention: this is the old snapshot.
+            restore = jax.tree.map(lambda s, p: (s - p).astype(p.dtype), snapshot, params)
+            updates = optax.tree.where(back, restore, updates)
+        left = jnp.where(event.valid & verdict.watching, state.guard_windows_left - 1,
+                         state.guard_windows_left)
+        new_state = RollbackState(
+            snapshot_params=snapshot,
+            snapshot_boost_from=jnp.where(intervene, before.boost_from, state.snapshot_boost_from),
+            snapshot_boost_to=jnp.where(intervene, before.boost_to, state.snapshot_boost_to),
+            snapshot_boost_step=jnp.where(intervene, before.boost_step, state.snapshot_boost_step),
+            snapshot_mix_index=jnp.where(intervene, before.mix_index, state.snapshot_mix_index),
+            snapshot_value=jnp.where(intervene, plateau.best_value, state.snapshot_value),
+            snapshot_sd=jnp.where(intervene, plateau.window_sd, state.snapshot_sd),
+            probe_sum=jnp.where(intervene | back, 0.0, verdict.probe_sum),
+            probe_count=jnp.where(intervene | back, 0, verdict.probe_count),
+            guard_windows_left=jnp.where(intervene, self.guard_windows,
+                                         jnp.where(back, 0, left)).astype(jnp.int32),
+            rollback_count=state.rollback_count + back.astype(jnp.int32),
+        )
+        return updates, new_state
+
     def is_worse(self, value: jax.Array, reference: jax.Array, sign: float) -> jax.Array:
         """Whether ``value`` is worse than ``reference`` beyond the tolerance."""
         margin = self.rtol * jnp.abs(reference) + self.atol
@@ -220,3 +364,60 @@ class RollbackGuard:
         margin = (self.rtol * jnp.abs(state.snapshot_value) + self.atol
                   + self.abort_z * state.snapshot_sd / jnp.sqrt(k))
         return (probe_count > 0) & (sign * probe_sum / k > margin)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoGuard:
+    """The absent guard: the same calls as :class:`RollbackGuard`, never a rollback.
+
+    ``plateau_escape(..., rollback=None)`` uses :data:`NO_GUARD`. Its state is
+    ``optax.EmptyState()``, its verdict a constant "no rollback" that XLA
+    folds away, so an unguarded update compiles to what it would be without
+    any guard code.
+
+    Example:
+        >>> NO_GUARD.restore_params, NO_GUARD.reset_optimizer
+        (False, False)
+    """
+
+    restore_params = False
+    reset_optimizer = False
+
+    def init(self, params, initial_mix_index: int) -> optax.EmptyState:
+        """No state."""
+        del params, initial_mix_index
+        return optax.EmptyState()
+
+    def check(self, state, plateau, event, detector, value) -> Verdict:
+        """Never a rollback."""
+        del state, plateau, event, detector, value
+        false = jnp.zeros([], jnp.bool_)
+        return Verdict(false, false, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32))
+
+    def permits(self, state, verdict: Verdict) -> jax.Array:
+        """Always."""
+        del state, verdict
+        return jnp.ones([], jnp.bool_)
+
+    def revert(self, intervention, state, verdict: Verdict):
+        """``intervention``, unchanged."""
+        del state, verdict
+        return intervention
+
+    def keeps_update(self, verdict: Verdict) -> bool:
+        """Always."""
+        del verdict
+        return True
+
+    def reset_params(self, state, params, verdict: Verdict):
+        """``params``."""
+        del state, verdict
+        return params
+
+    def update(self, state, verdict, intervene, before, plateau, event, params, updates):
+        """``(updates, state)``, unchanged."""
+        del verdict, intervene, before, plateau, event, params
+        return updates, state
+
+
+NO_GUARD = NoGuard()

@@ -485,7 +485,7 @@ def test_skip_lowerings_agree_bit_for_bit(keep):
     grads = {"w": jnp.full(6, 0.3), "b": jnp.full(3, -0.2, jnp.bfloat16)}
     update, state = _adam_step(params, grads)
     zeros = jax.tree.map(jnp.zeros_like, update()[0])
-    from adaptive_optax.transform import _either_with_cond, _either_with_select, _skipped
+    from adaptive_optax.conditional import _either_with_cond, _either_with_select, _skipped
     by_cond = jax.jit(lambda k: _either_with_cond(k, update, _skipped(state)))(jnp.bool_(keep))
     by_select = jax.jit(lambda k: _either_with_select(k, update, _skipped(state)))(
         jnp.bool_(keep))
