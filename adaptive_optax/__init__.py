@@ -5,19 +5,23 @@ that detects loss plateaus and intervenes in-graph: it boosts the learning rate
 by a factor chosen from the gradient-norm EMA, damps later boosts, switches the
 loss mix, and can roll back an intervention that made things worse.
 
-The segmentation side (losses, U-Net, train step, data, training loop) is
-re-exported here too; :mod:`adaptive_optax.checkpoint` (Orbax),
-:mod:`adaptive_optax.plotting` (matplotlib) and :mod:`adaptive_optax.parallel`
-are imported on their own.
+This package is the optimizer core and imports jax, optax and numpy only:
+the detector (:mod:`~adaptive_optax.plateau`), the policy
+(:mod:`~adaptive_optax.policy`), the boost (:mod:`~adaptive_optax.boost`), the
+gradient-norm EMA (:mod:`~adaptive_optax.grad_norm`), the rollback guard
+(:mod:`~adaptive_optax.rollback`), the state (:mod:`~adaptive_optax.state`),
+the update (:mod:`~adaptive_optax.transform`), the presets
+(:mod:`~adaptive_optax.presets`) and the multi-device helpers
+(:mod:`adaptive_optax.parallel`, imported on its own). The segmentation
+application built on it (losses, U-Net, train step, data, training loop,
+strategies, demo; it needs flax) is :mod:`adaptive_optax.segmentation`; its
+names are no longer exported here, and asking for one says where it went.
 """
 
-from adaptive_optax.boost import boost_multiplier
-from adaptive_optax.data import SegmentationData, load_dataset
-from adaptive_optax.grad_norm import GradNormState, global_norm
-from adaptive_optax.loop import History, fit
-from adaptive_optax.losses import loss_components, mixed_loss
-from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
 from adaptive_optax import presets
+from adaptive_optax.boost import boost_multiplier
+from adaptive_optax.grad_norm import GradNormState, global_norm
+from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
 from adaptive_optax.policy import (
     BALANCED_MIX,
     DEFAULT_INITIAL_MIX,
@@ -28,11 +32,8 @@ from adaptive_optax.policy import (
     legacy_policy,
 )
 from adaptive_optax.rollback import RollbackGuard, RollbackState
-from adaptive_optax.strategies import STRATEGIES, make_optimizer
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
 from adaptive_optax.state import PlateauEscapeState, find_state, state_field
 from adaptive_optax.transform import plateau_escape
-from adaptive_optax.unet import UNet
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,6 @@ __all__ = [
     "BALANCED_MIX",
     "DEFAULT_INITIAL_MIX",
     "GradNormState",
-    "History",
     "InterventionPolicy",
     "InterventionState",
     "PlateauDetector",
@@ -49,24 +49,31 @@ __all__ = [
     "RollbackGuard",
     "RollbackState",
     "SEED_MIXES",
-    "STRATEGIES",
-    "SegmentationData",
-    "UNet",
     "WindowEvent",
     "adaptive_policy",
     "boost_multiplier",
     "find_state",
-    "fit",
     "global_norm",
-    "init_train_state",
     "legacy_policy",
-    "load_dataset",
-    "loss_components",
-    "make_eval_step",
-    "make_optimizer",
-    "make_train_step",
-    "mixed_loss",
     "plateau_escape",
     "presets",
     "state_field",
 ]
+
+# What moved to adaptive_optax.segmentation: the names this package exported,
+# and its modules (``adaptive_optax.losses`` etc.), so an old spelling fails
+# with a pointer instead of a bare AttributeError.
+_MOVED = frozenset({
+    "History", "STRATEGIES", "SegmentationData", "UNet", "fit", "init_train_state",
+    "load_dataset", "loss_components", "make_eval_step", "make_optimizer", "make_train_step",
+    "mixed_loss",
+    "checkpoint", "data", "loop", "losses", "metrics", "plotting", "strategies", "train", "unet",
+})
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"adaptive_optax.{name} moved to adaptive_optax.segmentation.{name} "
+                             f"(the segmentation application is its own package; the top level "
+                             f"is the optimizer core)")
+    raise AttributeError(f"module 'adaptive_optax' has no attribute {name!r}")

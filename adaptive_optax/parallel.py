@@ -11,8 +11,8 @@ collectives:
 2. :func:`replicate` puts the train state (parameters and the full optimizer
    state) on every device;
 3. :func:`shard_batch` splits the batch along its leading axis;
-4. the unchanged :func:`adaptive_optax.train.make_train_step` (a plain
-   ``jax.jit``) then compiles one SPMD program: the loss is a mean over the
+4. the unchanged :func:`adaptive_optax.segmentation.train.make_train_step`
+   (a plain ``jax.jit``) then compiles one SPMD program: the loss is a mean over the
    global batch, XLA inserts the all-reduce of the gradients, and the value,
    gradient norm, plateau counters and interventions are replicated, so every
    device takes the same decision at the same step. :func:`data_parallel`
@@ -33,6 +33,10 @@ shard's loss: devices declare plateaus at different steps, boost the learning
 rate by different factors, pick different loss mixes, and the replicas
 silently diverge. BatchNorm statistics under ``jax.jit`` sharding are global
 batch statistics (SPMD semantics), unlike under ``pmap``.
+
+This module belongs to the optimizer core, not to
+:mod:`adaptive_optax.segmentation`, because it imports only jax and numpy and
+works on any train step and pytree (the segmentation ones are only examples).
 
 Example:
     >>> import jax
@@ -183,7 +187,7 @@ def replicate(tree: T, mesh: Mesh) -> T:
 
     Args:
         tree: A pytree of arrays, e.g. the state from
-            :func:`adaptive_optax.train.init_train_state`.
+            :func:`adaptive_optax.segmentation.train.init_train_state`.
         mesh: From :func:`data_parallel_mesh`.
 
     Returns:
@@ -212,7 +216,7 @@ def shard_batch(batch: T, mesh: Mesh) -> T:
 
     Args:
         batch: A pytree of arrays with the same leading size, e.g. a
-            :class:`adaptive_optax.data.SegmentationData` batch.
+            :class:`adaptive_optax.segmentation.data.SegmentationData` batch.
         mesh: From :func:`data_parallel_mesh`.
 
     Returns:
@@ -258,15 +262,15 @@ def data_parallel(
 ) -> Callable[[Any, Any], tuple[Any, Any]]:
     """Jits ``train_step(state, batch)`` with the data-parallel shardings pinned.
 
-    The plain step from :func:`adaptive_optax.train.make_train_step` already
-    runs data-parallel on a replicated state and a sharded batch; this wrapper
-    makes the contract explicit: the state and all outputs (new state,
+    The plain step from :func:`adaptive_optax.segmentation.train.make_train_step`
+    already runs data-parallel on a replicated state and a sharded batch; this
+    wrapper makes the contract explicit: the state and all outputs (new state,
     metrics) are replicated, the batch is sharded along its leading axis. An
     uncommitted input (numpy, or a batch from ``jnp.asarray`` on the default
     device) is moved to these shardings, so the step drops into
-    :func:`adaptive_optax.loop.fit` unchanged; jit refuses an array committed
-    to one device (``jax.device_put(x, device)``): pass it through
-    :func:`shard_batch` first.
+    :func:`adaptive_optax.segmentation.loop.fit` unchanged; jit refuses an
+    array committed to one device (``jax.device_put(x, device)``): pass it
+    through :func:`shard_batch` first.
 
     Args:
         train_step: A function of ``(state, batch)`` returning

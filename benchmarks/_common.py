@@ -524,7 +524,7 @@ def cost_bytes(jitted: Callable, *args) -> float | None:
 @functools.lru_cache(maxsize=None)
 def shapes_batch(batch: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images and masks of the synthetic shapes data (numpy, cached)."""
-    from adaptive_optax.data import synthetic_shapes
+    from adaptive_optax.segmentation.data import synthetic_shapes
 
     data = synthetic_shapes(batch, size=size, seed=seed)
     return data.images, data.masks

@@ -75,7 +75,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
-from adaptive_optax import UNet  # noqa: E402
+from adaptive_optax.segmentation import UNet  # noqa: E402
 from overhead import DESCRIPTIONS, make_tx  # noqa: E402
 
 # An H100 SXM as XLA's GPU compiler sees it (stream_executor GpuTargetConfigProto).

@@ -1,7 +1,7 @@
 """Learning-rate grid: does ``plateau_escape`` get what a tuned schedule gets, without a sweep?
 
 A user picks some learning rate. This benchmark trains every strategy of
-:mod:`adaptive_optax.strategies` at every rate of a grid, for several seeds
+:mod:`adaptive_optax.segmentation.strategies` at every rate of a grid, for several seeds
 (model init, batch order and the policy's mix picks), with Adam and with SGD
 (momentum 0.9), on several data sets, and reports per data set and
 optimizer:
@@ -37,12 +37,12 @@ momentum). Every other strategy wraps the same optimizer.
 Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 8,
 737 parameters; width 16, 2.6k parameters, costs 1.3x per step and does not
 fit the budget below at a converged step count), 32x32 crops, batch 8, 256
-training crops per data set (``adaptive_optax.data.load_dataset``: shapes,
+training crops per data set (``adaptive_optax.segmentation.data.load_dataset``: shapes,
 nuclei, grey_matter by default; any name of ``DATASET_NAMES``), evaluated
 once at the end on the held-out validation set. Loss: the mix of
 dice/focal/variance/bce that the optimizer state holds (``loss_weights``);
 monitored value: the fixed reference mix ``policy.initial_mix`` (as
-``adaptive_optax.train`` does).
+``adaptive_optax.segmentation.train`` does).
 
 Step budget and plateau settings. 1000 steps: constant Adam at its best rate
 has converged on the default data sets by then (the trend of the last 10
@@ -108,12 +108,17 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
-from adaptive_optax import data as data_lib  # noqa: E402
 from adaptive_optax import presets  # noqa: E402
-from adaptive_optax.losses import loss_components, mixed_loss  # noqa: E402
-from adaptive_optax.metrics import confusion_counts, dice_iou  # noqa: E402
-from adaptive_optax.strategies import STRATEGIES, eval_params, make_optimizer, policy_for  # noqa: E402
-from adaptive_optax.train import state_readings  # noqa: E402
+from adaptive_optax.segmentation import data as data_lib  # noqa: E402
+from adaptive_optax.segmentation.losses import loss_components, mixed_loss  # noqa: E402
+from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # noqa: E402
+from adaptive_optax.segmentation.strategies import (  # noqa: E402
+    STRATEGIES,
+    eval_params,
+    make_optimizer,
+    policy_for,
+)
+from adaptive_optax.segmentation.train import state_readings  # noqa: E402
 from strategies import largest_jump  # noqa: E402  (benchmarks/strategies.py)
 
 ADAM_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -154,7 +159,7 @@ def batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np
     """int32 ``[steps, batch_size]`` example indices: epochs of shuffled full batches.
 
     The permutation of epoch ``e`` is ``default_rng([seed, e])``'s, as in
-    :func:`adaptive_optax.data.batches` (the remainder of each epoch dropped).
+    :func:`adaptive_optax.segmentation.data.batches` (the remainder of each epoch dropped).
     """
     per_epoch = num_examples // batch_size
     epochs = -(-steps // per_epoch)

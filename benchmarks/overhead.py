@@ -63,10 +63,10 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import RollbackGuard, plateau_escape  # noqa: E402
-from adaptive_optax.data import SegmentationData  # noqa: E402
-from adaptive_optax.strategies import make_optimizer, policy_for  # noqa: E402
-from adaptive_optax.train import init_train_state, make_train_step  # noqa: E402
-from adaptive_optax.unet import UNet  # noqa: E402
+from adaptive_optax.segmentation.data import SegmentationData  # noqa: E402
+from adaptive_optax.segmentation.strategies import make_optimizer, policy_for  # noqa: E402
+from adaptive_optax.segmentation.train import init_train_state, make_train_step  # noqa: E402
+from adaptive_optax.segmentation.unet import UNet  # noqa: E402
 
 LR = 1e-3
 
@@ -336,7 +336,7 @@ def compile_and_transfer_check(steps: int, width: int, size: int, batch: int, *,
 
     # The library's own train step (nnx.Optimizer, reference loss monitored):
     # same check, data batches already on the device.
-    from adaptive_optax.data import load_dataset
+    from adaptive_optax.segmentation.data import load_dataset
 
     train, _ = load_dataset("shapes", size=size, num_train=4 * batch, num_val=batch)
     device_batches = [jax.device_put(SegmentationData(*(a[i * batch:(i + 1) * batch]

@@ -1,6 +1,6 @@
 """Training strategies compared on the same model, data and step budget.
 
-Every strategy of ``adaptive_optax.strategies.STRATEGIES`` (``make_optimizer``)
+Every strategy of ``adaptive_optax.segmentation.strategies.STRATEGIES`` (``make_optimizer``)
 trains the same small U-Net with the same data, batch order and step budget,
 for ``--seeds`` seeds (model init, batch order and the policy's mix picks),
 through the library's own ``init_train_state`` / ``make_train_step`` /
@@ -49,11 +49,19 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
-from adaptive_optax.data import load_dataset, num_batches  # noqa: E402
-from adaptive_optax.loop import fit  # noqa: E402
-from adaptive_optax.strategies import STRATEGIES, make_optimizer, policy_for  # noqa: E402
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step  # noqa: E402
-from adaptive_optax.unet import UNet  # noqa: E402
+from adaptive_optax.segmentation.data import load_dataset, num_batches  # noqa: E402
+from adaptive_optax.segmentation.loop import fit  # noqa: E402
+from adaptive_optax.segmentation.strategies import (  # noqa: E402
+    STRATEGIES,
+    make_optimizer,
+    policy_for,
+)
+from adaptive_optax.segmentation.train import (  # noqa: E402
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+from adaptive_optax.segmentation.unet import UNet  # noqa: E402
 
 DATA_SETS = ("shapes", "nuclei")
 

@@ -76,11 +76,16 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
-from adaptive_optax import plotting
-from adaptive_optax.data import load_dataset
-from adaptive_optax.loop import fit
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step, opt_state_of
-from adaptive_optax.unet import UNet, count_params
+from adaptive_optax.segmentation import plotting
+from adaptive_optax.segmentation.data import load_dataset
+from adaptive_optax.segmentation.loop import fit
+from adaptive_optax.segmentation.train import (
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    opt_state_of,
+)
+from adaptive_optax.segmentation.unet import UNet, count_params
 
 print("jax", jax.__version__, "on", jax.devices()[0].platform)
 """),
@@ -323,13 +328,13 @@ from flax import nnx
 from IPython.display import Markdown, display
 
 import adaptive_optax as ao
-from adaptive_optax import plotting
-from adaptive_optax.data import load_dataset
-from adaptive_optax.losses import loss_components, mixed_loss
-from adaptive_optax.loop import fit
-from adaptive_optax.strategies import make_optimizer, policy_for
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
-from adaptive_optax.unet import UNet
+from adaptive_optax.segmentation import plotting
+from adaptive_optax.segmentation.data import load_dataset
+from adaptive_optax.segmentation.losses import loss_components, mixed_loss
+from adaptive_optax.segmentation.loop import fit
+from adaptive_optax.segmentation.strategies import make_optimizer, policy_for
+from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
+from adaptive_optax.segmentation.unet import UNet
 
 train, val = load_dataset("shapes", num_train=NUM_TRAIN, num_val=NUM_VAL, size=IMAGE_SIZE,
                           difficulty=0.5, seed=SEED)

@@ -79,9 +79,9 @@ def train(process_id: int | None, port: int | None, steps: int, out_path: str) -
 
     import adaptive_optax as ao
     from adaptive_optax import parallel
-    from adaptive_optax.data import SegmentationData, batches, synthetic_shapes
-    from adaptive_optax.train import init_train_state, make_train_step
-    from adaptive_optax.unet import UNet
+    from adaptive_optax.segmentation.data import SegmentationData, batches, synthetic_shapes
+    from adaptive_optax.segmentation.train import init_train_state, make_train_step
+    from adaptive_optax.segmentation.unet import UNet
 
     mesh = parallel.data_parallel_mesh()
     policy = ao.adaptive_policy()

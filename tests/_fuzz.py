@@ -42,9 +42,9 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
-from adaptive_optax import strategies
-from adaptive_optax.data import load_dataset, synthetic_shapes
-from adaptive_optax.unet import UNet
+from adaptive_optax.segmentation import strategies
+from adaptive_optax.segmentation.data import load_dataset, synthetic_shapes
+from adaptive_optax.segmentation.unet import UNet
 
 OK, BAD, ANY = "ok", "bad", "any"
 # Overflows every int32 counter in the state; a list or array of 2**62 entries

@@ -40,10 +40,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import adaptive_optax as ao  # noqa: E402
 from adaptive_optax import parallel  # noqa: E402
-from adaptive_optax.data import SegmentationData, synthetic_shapes  # noqa: E402
-from adaptive_optax.loop import fit  # noqa: E402
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step  # noqa: E402
-from adaptive_optax.unet import UNet  # noqa: E402
+from adaptive_optax.segmentation.data import SegmentationData, synthetic_shapes  # noqa: E402
+from adaptive_optax.segmentation.loop import fit  # noqa: E402
+from adaptive_optax.segmentation.train import (  # noqa: E402
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+from adaptive_optax.segmentation.unet import UNet  # noqa: E402
 
 DEVICES = 8
 GLOBAL_BATCH = 8

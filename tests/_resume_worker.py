@@ -32,11 +32,11 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
-from adaptive_optax import checkpoint
-from adaptive_optax.data import SegmentationData, synthetic_shapes
-from adaptive_optax.loop import History, fit
-from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
-from adaptive_optax.unet import UNet
+from adaptive_optax.segmentation import checkpoint
+from adaptive_optax.segmentation.data import SegmentationData, synthetic_shapes
+from adaptive_optax.segmentation.loop import History, fit
+from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
+from adaptive_optax.segmentation.unet import UNet
 
 # Patience 1, cooldown 2 and windows of 2 steps over epochs of 3 steps: epoch
 # ends fall mid-window, mid-plateau (plateau_count 1) and mid-cooldown.

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from adaptive_optax import data, strategies, train
-from adaptive_optax.unet import UNet
+from adaptive_optax.segmentation import data, strategies, train
+from adaptive_optax.segmentation.unet import UNet
 
 # One HLO op counter for the benchmarks and the tests' size guards.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -110,7 +110,7 @@ def test_strategies_quick(tmp_path):
     plot = tmp_path / "loss.png"
     out = run_script("strategies.py", "--quick", "--out", str(path), "--plot", str(plot))
     assert_header(out)
-    from adaptive_optax.strategies import STRATEGIES
+    from adaptive_optax.segmentation.strategies import STRATEGIES
 
     assert "## shapes:" in out
     # The nuclei image ships with the test extras (stardist): it must really run.

@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adaptive_optax as ao
-from adaptive_optax import checkpoint
-from adaptive_optax.data import SegmentationData, batches
-from adaptive_optax.train import opt_state_of
+from adaptive_optax.segmentation import checkpoint
+from adaptive_optax.segmentation.data import SegmentationData, batches
+from adaptive_optax.segmentation.train import opt_state_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 from matplotlib.collections import LineCollection, PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from adaptive_optax import plotting  # noqa: E402
-from adaptive_optax.loop import History  # noqa: E402
+from adaptive_optax.segmentation import plotting  # noqa: E402
+from adaptive_optax.segmentation.loop import History  # noqa: E402
 
 NAN, INF = math.nan, math.inf
 
@@ -483,10 +483,10 @@ def test_plots_of_a_real_tiny_run_match_its_intervention_log():
     from flax import nnx
 
     import adaptive_optax as ao
-    from adaptive_optax.data import synthetic_shapes
-    from adaptive_optax.loop import fit
-    from adaptive_optax.train import init_train_state, make_eval_step, make_train_step
-    from adaptive_optax.unet import UNet
+    from adaptive_optax.segmentation.data import synthetic_shapes
+    from adaptive_optax.segmentation.loop import fit
+    from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
+    from adaptive_optax.segmentation.unet import UNet
 
     train = synthetic_shapes(16, size=16, seed=0)
     val = synthetic_shapes(8, size=16, seed=1)

@@ -1,7 +1,7 @@
-"""Figures of a training run, read from its :class:`~adaptive_optax.loop.History`.
+"""Figures of a training run, read from its :class:`~adaptive_optax.segmentation.loop.History`.
 
 Every plot here draws what the optimizer state recorded, step by step, during
-:func:`adaptive_optax.loop.fit`: the monitored value and the plateau
+:func:`adaptive_optax.segmentation.loop.fit`: the monitored value and the plateau
 detector's windows, the effective and base learning rates, the loss-mix
 weights and the per-epoch validation scores. Interventions (and rollbacks)
 come from ``history.interventions``.
@@ -30,7 +30,7 @@ call ``fig.savefig(path)``. Functions that take ``ax`` draw into that axes
 instead and return its figure.
 
 Example:
-    >>> from adaptive_optax.loop import History
+    >>> from adaptive_optax.segmentation.loop import History
     >>> history = History(steps={"monitor": [1.0, 0.9], "windows_completed": [1, 2],
     ...                          "window_value": [1.0, 0.9], "best_value": [1.0, 0.9]})
     >>> fig = plot_monitor(history)
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from adaptive_optax.loop import History
+    from adaptive_optax.segmentation.loop import History
 
 __all__ = [
     "loss_along_line",
@@ -84,8 +84,8 @@ def _figure_class():
         from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError(
-            "adaptive_optax.plotting needs matplotlib, an optional dependency; install "
-            f"it with: {_INSTALL_HINT}") from err
+            "adaptive_optax.segmentation.plotting needs matplotlib, an optional dependency; "
+            f"install it with: {_INSTALL_HINT}") from err
     return Figure
 
 
@@ -109,8 +109,8 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
 def _check_history(history: Any) -> None:
     for field in ("steps", "evals", "interventions"):
         if not hasattr(history, field):
-            raise TypeError("history must be an adaptive_optax.loop.History (as returned by "
-                            f"fit), got {type(history).__name__} without .{field}.")
+            raise TypeError("history must be an adaptive_optax.segmentation.loop.History (as "
+                            f"returned by fit), got {type(history).__name__} without .{field}.")
     if not isinstance(history.steps, Mapping):
         raise TypeError("history.steps must be a dict of lists, got "
                         f"{type(history.steps).__name__}.")
@@ -123,7 +123,8 @@ def _series(history: History, *names: str) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(
             f"history.steps lacks {missing} (it has {sorted(history.steps)}); record the "
-            "run with adaptive_optax.loop.fit, whose history holds every state reading.")
+            "run with adaptive_optax.segmentation.loop.fit, whose history holds every state "
+            "reading.")
     out = {name: np.asarray(history.steps[name], dtype=np.float64) for name in names}
     shapes = {name: values.shape for name, values in out.items()}
     if any(len(shape) != 1 for shape in shapes.values()):
@@ -134,7 +135,8 @@ def _series(history: History, *names: str) -> dict[str, np.ndarray]:
         raise ValueError(f"history.steps series must all have one entry per step, got "
                          f"lengths {lengths}.")
     if next(iter(out.values())).shape[0] == 0:
-        raise ValueError("history has no steps yet; train with adaptive_optax.loop.fit first.")
+        raise ValueError("history has no steps yet; train with "
+                         "adaptive_optax.segmentation.loop.fit first.")
     return out
 
 
@@ -207,7 +209,7 @@ def plot_monitor(history: History, ax: Axes | None = None) -> Figure:
     non-improving window), ``"intervention"`` / ``"rollback"`` (markers).
 
     Args:
-        history: The run's history, from :func:`adaptive_optax.loop.fit`.
+        history: The run's history, from :func:`adaptive_optax.segmentation.loop.fit`.
         ax: Axes to draw into; a new figure if ``None``.
 
     Returns:
@@ -217,7 +219,7 @@ def plot_monitor(history: History, ax: Axes | None = None) -> Figure:
         ValueError: If the history has no steps or lacks a needed series.
 
     Example:
-        >>> from adaptive_optax.loop import History
+        >>> from adaptive_optax.segmentation.loop import History
         >>> h = History(steps={"monitor": [1.0, 1.0], "windows_completed": [1, 2],
         ...                    "window_value": [1.0, 1.0], "best_value": [1.0, 1.0]})
         >>> fig = plot_monitor(h)  # the second window did not improve: shaded
@@ -293,7 +295,7 @@ def plot_learning_rate(history: History, ax: Axes | None = None) -> Figure:
     ``"intervention_label"`` (annotations).
 
     Args:
-        history: The run's history, from :func:`adaptive_optax.loop.fit`.
+        history: The run's history, from :func:`adaptive_optax.segmentation.loop.fit`.
         ax: Axes to draw into; a new figure if ``None``.
 
     Returns:
@@ -303,7 +305,7 @@ def plot_learning_rate(history: History, ax: Axes | None = None) -> Figure:
         ValueError: If the history has no steps or no ``learning_rate``.
 
     Example:
-        >>> from adaptive_optax.loop import History
+        >>> from adaptive_optax.segmentation.loop import History
         >>> h = History(steps={"learning_rate": [1e-3, 5e-3], "base_learning_rate": [1e-3, 1e-3]})
         >>> fig = plot_learning_rate(h)
     """
@@ -345,7 +347,7 @@ def plot_loss_weights(history: History, ax: Axes | None = None) -> Figure:
     the *next* step optimises. Interventions are marked with dotted lines.
 
     Args:
-        history: The run's history, from :func:`adaptive_optax.loop.fit`
+        history: The run's history, from :func:`adaptive_optax.segmentation.loop.fit`
             (series ``weight/<name>``).
         ax: Axes to draw into; a new figure if ``None``.
 
@@ -356,7 +358,7 @@ def plot_loss_weights(history: History, ax: Axes | None = None) -> Figure:
         ValueError: If the history has no steps or no ``weight/...`` series.
 
     Example:
-        >>> from adaptive_optax.loop import History
+        >>> from adaptive_optax.segmentation.loop import History
         >>> h = History(steps={"weight/dice": [0.5, 0.7], "weight/focal": [0.5, 0.3]})
         >>> len(plot_loss_weights(h).axes[0].collections)
         2
@@ -365,7 +367,7 @@ def plot_loss_weights(history: History, ax: Axes | None = None) -> Figure:
     names = sorted(k for k in history.steps if k.startswith("weight/"))
     if not names:
         raise ValueError("history.steps has no 'weight/<name>' series; record the run with "
-                         "adaptive_optax.loop.fit around a plateau_escape optimizer.")
+                         "adaptive_optax.segmentation.loop.fit around a plateau_escape optimizer.")
     s = _series(history, *names)
     events = _events(history)
     fig, ax = _axes(ax, (9, 3.0))
@@ -392,7 +394,7 @@ def plot_validation(history: History, ax: Axes | None = None, *, x: str = "step"
     """Per-epoch validation Dice and IoU (mean over classes).
 
     Args:
-        history: The run's history, from :func:`adaptive_optax.loop.fit`.
+        history: The run's history, from :func:`adaptive_optax.segmentation.loop.fit`.
         ax: Axes to draw into; a new figure if ``None``.
         x: ``"step"`` (the step count at each evaluation, lines up with the
             other panels and marks interventions) or ``"epoch"``.
@@ -404,7 +406,7 @@ def plot_validation(history: History, ax: Axes | None = None, *, x: str = "step"
         ValueError: If ``x`` is unknown or the history has no evaluations.
 
     Example:
-        >>> from adaptive_optax.loop import History
+        >>> from adaptive_optax.segmentation.loop import History
         >>> h = History(evals={"epoch": [0, 1], "step": [8, 16], "dice": [0.5, 0.6],
         ...                    "iou": [0.3, 0.4]})
         >>> fig = plot_validation(h, x="epoch")
@@ -485,7 +487,7 @@ def plot_comparison(runs: Mapping[str, History], axes: Sequence[Axes] | None = N
     ``"rollback"`` (vertical lines of the marked run).
 
     Args:
-        runs: Run name -> history (from :func:`adaptive_optax.loop.fit`),
+        runs: Run name -> history (from :func:`adaptive_optax.segmentation.loop.fit`),
             e.g. ``{"recommended": history, "constant": baseline}``.
         axes: Two axes to draw into (Dice, monitored value); a new 1x2
             figure if ``None``.
@@ -564,7 +566,7 @@ def plot_run(history: History, title: str | None = None, *,
     (first, its interventions marked) and the others.
 
     Args:
-        history: The run's history, from :func:`adaptive_optax.loop.fit`.
+        history: The run's history, from :func:`adaptive_optax.segmentation.loop.fit`.
         title: Optional figure title.
         compare: Other runs to compare with (name -> history), e.g. the
             baseline trained on the same data and seed.

@@ -1,4 +1,5 @@
-"""Tests for adaptive_optax.data: synthetic shapes, the nuclei and grey-matter crops, batching."""
+"""Tests for adaptive_optax.segmentation.data: synthetic shapes, the nuclei and grey-matter
+crops, batching."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from adaptive_optax import data as data_lib
-from adaptive_optax.data import (
+from adaptive_optax.segmentation import data as data_lib
+from adaptive_optax.segmentation.data import (
     SegmentationData,
     batches,
     grey_matter_dataset,

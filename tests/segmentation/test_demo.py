@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from adaptive_optax import demo
-from adaptive_optax.loop import History
-from adaptive_optax.strategies import STRATEGIES
+from adaptive_optax.segmentation import demo
+from adaptive_optax.segmentation.loop import History
+from adaptive_optax.segmentation.strategies import STRATEGIES
 
 TINY = ["--data", "shapes", "--epochs", "4", "--steps-per-epoch", "2", "--batch-size", "8",
         "--depth", "1", "--width", "4", "--patience", "0", "--cooldown", "0", "--rtol", "0.3",

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_optax._validation import check_int
-from adaptive_optax.data import SegmentationData, batches, num_batches
-from adaptive_optax.metrics import dice_iou
-from adaptive_optax.train import StepMetrics, evaluate
+from adaptive_optax.segmentation.data import SegmentationData, batches, num_batches
+from adaptive_optax.segmentation.metrics import dice_iou
+from adaptive_optax.segmentation.train import StepMetrics, evaluate
 
 @dataclasses.dataclass
 class History:
@@ -27,7 +27,7 @@ class History:
 
     Attributes:
         steps: name -> list of per-step values (``loss``, ``monitor`` and
-            :func:`adaptive_optax.train.state_readings`).
+            :func:`adaptive_optax.segmentation.train.state_readings`).
         evals: name -> list of per-epoch values (``epoch``, ``step``,
             ``dice``, ``iou``: mean over classes).
         interventions: One dict per intervention or rollback (step, epoch,
@@ -90,13 +90,13 @@ def fit(
     """Trains for ``epochs - start_epoch`` epochs and evaluates after each.
 
     Args:
-        train_step: From :func:`adaptive_optax.train.make_train_step`.
-        eval_step: From :func:`adaptive_optax.train.make_eval_step`.
-        state: The train state from :func:`adaptive_optax.train.init_train_state`.
+        train_step: From :func:`adaptive_optax.segmentation.train.make_train_step`.
+        eval_step: From :func:`adaptive_optax.segmentation.train.make_eval_step`.
+        state: The train state from :func:`adaptive_optax.segmentation.train.init_train_state`.
         train_data: Training images, masks and instances.
         val_data: Validation data, evaluated whole after every epoch in
             ``batch_size`` chunks (the last one padded; see
-            :func:`adaptive_optax.train.evaluate`); at least one example.
+            :func:`adaptive_optax.segmentation.train.evaluate`); at least one example.
         epochs: Index of the epoch to stop before (the total epoch count).
         batch_size: Fixed batch size (the remainder of each epoch is dropped).
         seed: Shuffling seed; epoch ``e`` always sees the same order.

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptive_optax.metrics import confusion_counts, dice_iou
+from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou
 
 
 def test_binary_counts_and_scores_by_hand():

@@ -9,10 +9,10 @@ import pytest
 from flax import nnx
 from helpers import tiny_data, tiny_run
 
-from adaptive_optax import data, strategies, train
-from adaptive_optax.losses import loss_components, mixed_loss
-from adaptive_optax.metrics import confusion_counts, dice_iou
-from adaptive_optax.unet import UNet
+from adaptive_optax.segmentation import data, strategies, train
+from adaptive_optax.segmentation.losses import loss_components, mixed_loss
+from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou
+from adaptive_optax.segmentation.unet import UNet
 
 
 def batch_of(d, n=8):

@@ -1,4 +1,4 @@
-"""Tests for adaptive_optax.losses.
+"""Tests for adaptive_optax.segmentation.losses.
 
 Expected values are recomputed by hand in numpy (float64) on tiny arrays, so a
 change in optax's conventions (reduction axes, smoothing, alpha weighting)
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptive_optax import losses
+from adaptive_optax.segmentation import losses
 
 # Tolerance for float32 results against float64 references.
 RTOL = 1e-5

@@ -32,10 +32,15 @@ import optax
 from flax import nnx
 
 from adaptive_optax._validation import check_float, check_int
-from adaptive_optax.data import SegmentationData
 from adaptive_optax.grad_norm import global_norm
-from adaptive_optax.losses import LOSS_NAMES, check_loss_names, loss_components, mixed_loss
-from adaptive_optax.metrics import confusion_counts
+from adaptive_optax.segmentation.data import SegmentationData
+from adaptive_optax.segmentation.losses import (
+    LOSS_NAMES,
+    check_loss_names,
+    loss_components,
+    mixed_loss,
+)
+from adaptive_optax.segmentation.metrics import confusion_counts
 from adaptive_optax.state import find_state
 
 
@@ -79,7 +84,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     """Wraps ``model`` in an ``nnx.Optimizer`` and splits both for jitting.
 
     Args:
-        model: A Flax NNX model, e.g. :class:`adaptive_optax.unet.UNet`.
+        model: A Flax NNX model, e.g. :class:`adaptive_optax.segmentation.unet.UNet`.
         tx: The optax transformation, e.g. :func:`adaptive_optax.plateau_escape`.
 
     Returns:
@@ -209,9 +214,9 @@ def _keep_finite_batch_stats(model: nnx.Module, before, grads) -> None:
 def make_eval_step(graphdef):
     """Builds the jitted ``eval_step(state, batch, example_weights=None) -> [C, 3]``.
 
-    The result is :func:`~adaptive_optax.metrics.confusion_counts` of the
+    The result is :func:`~adaptive_optax.segmentation.metrics.confusion_counts` of the
     model in eval mode. Sum the counts over a data set (:func:`evaluate` does)
-    and pass them to :func:`adaptive_optax.metrics.dice_iou` for per-class
+    and pass them to :func:`adaptive_optax.segmentation.metrics.dice_iou` for per-class
     Dice and IoU.
     """
 

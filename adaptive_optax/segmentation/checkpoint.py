@@ -2,7 +2,7 @@
 
 A checkpoint holds the train state (model parameters, batch statistics and the
 full optimizer state: plateau counters, gradient-norm EMA, PRNG key, the inner
-optimizer's moments), the :class:`~adaptive_optax.loop.History` so far and the
+optimizer's moments), the :class:`~adaptive_optax.segmentation.loop.History` so far and the
 run's configuration. Data order is a pure function of ``(seed, epoch)``, so a
 run resumed at an epoch boundary repeats the uninterrupted run bit for bit.
 
@@ -36,7 +36,7 @@ from flax import nnx
 
 from adaptive_optax import state as packed_state
 from adaptive_optax._validation import check_int
-from adaptive_optax.loop import History
+from adaptive_optax.segmentation.loop import History
 
 
 class CheckpointMismatchError(ValueError):

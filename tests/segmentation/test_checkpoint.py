@@ -8,8 +8,8 @@ import pytest
 from helpers import tiny_data, tiny_run
 
 import adaptive_optax as ao
-from adaptive_optax import checkpoint, data, loop, train
 from adaptive_optax import state as ao_state
+from adaptive_optax.segmentation import checkpoint, data, loop, train
 
 CONFIG = {"strategy": "adaptive", "width": 4}
 

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
-from adaptive_optax import strategies
+from adaptive_optax.segmentation import strategies
 from adaptive_optax.state import find_state
 
 
@@ -49,7 +49,7 @@ def test_unknown_strategy():
 def test_reduce_on_plateau_train_step_reads_our_fields_and_its_scale():
     from helpers import tiny_data, tiny_run
 
-    from adaptive_optax import data
+    from adaptive_optax.segmentation import data
 
     run = tiny_run("reduce-on-plateau", patience=0, accumulation_steps=1, rtol=0.5)
     tr, _ = tiny_data()

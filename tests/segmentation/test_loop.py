@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from helpers import tiny_data, tiny_run
 
-from adaptive_optax import loop
+from adaptive_optax.segmentation import loop
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests for adaptive_optax.unet: shapes, validation, precision, nnx plumbing.
+"""Tests for adaptive_optax.segmentation.unet: shapes, validation, precision, nnx plumbing.
 
 On CPU, eager parameter initialisation compiles one small XLA program per
 parameter shape, and threefry programs are slow to compile; so the tests use
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adaptive_optax.unet import UNet, count_params, group_count
+from adaptive_optax.segmentation.unet import UNet, count_params, group_count
 
 
 def rngs(seed: int = 0) -> nnx.Rngs:
