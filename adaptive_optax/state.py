@@ -19,10 +19,12 @@ counting exactly at 2**24.
 
 The fields users read with ``optax.tree.get`` stay leaves of their own:
 ``intervention_count``, ``grad_norm_ema``, ``best_value``, ``plateau_count``,
-the ``loss_weights`` dict, and ``learning_rate`` in the inner optimizer's
-``hyperparams``. Every field, packed or not, is readable with
-:func:`state_field` or :meth:`PlateauEscapeState.fields`, and the records with
-the properties ``plateau``, ``grad_norm``, ``intervention`` and ``rollback``.
+the ``loss_weights`` dict, ``learning_rate`` in the inner optimizer's
+``hyperparams``, and with a lookahead its record (``trial_values``,
+``trial_curves``, ``trial_choice``; :mod:`adaptive_optax.lookahead`). Every
+field, packed or not, is readable with :func:`state_field` or
+:meth:`PlateauEscapeState.fields`, and the records with the properties
+``plateau``, ``grad_norm``, ``intervention`` and ``rollback``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class PlateauEscapeState(NamedTuple):
     packed_ints: jax.Array  # int32 [len(INT_FIELDS) + 2 + max(max_interventions, 1)]
     rollback_snapshot: Any  # the rollback guard's snapshot_params, or optax.EmptyState()
     optimizer_state: Any  # inject_hyperparams state of the inner optimizer
+    lookahead: Any = optax.EmptyState()  # the lookahead's LookaheadState, or optax.EmptyState()
 
     @classmethod
     def from_records(
@@ -100,6 +103,7 @@ class PlateauEscapeState(NamedTuple):
         rollback: RollbackState | optax.EmptyState,
         loss_weights: dict[str, jax.Array],
         optimizer_state: Any,
+        lookahead: Any = optax.EmptyState(),
     ) -> PlateauEscapeState:
         """Packs the records into a state (the inverse of the properties)."""
         values = {"step": step, "base_learning_rate": base_learning_rate,
@@ -118,6 +122,7 @@ class PlateauEscapeState(NamedTuple):
             packed_ints=ints,
             rollback_snapshot=rollback.snapshot_params if guarded else optax.EmptyState(),
             optimizer_state=optimizer_state,
+            lookahead=lookahead,
         )
 
     def _unpacked(self) -> dict[str, jax.Array]:
@@ -184,12 +189,16 @@ class PlateauEscapeState(NamedTuple):
 
         Holds ``learning_rate``, ``loss_weights``, ``step``,
         ``base_learning_rate``, every field of the four records except
-        ``snapshot_params``; the rollback fields only with a guard.
+        ``snapshot_params``; the rollback fields only with a guard, the
+        lookahead's (``trial_values``, ``trial_curves``, ``trial_choice``)
+        only with a lookahead.
         """
         values = self._unpacked()
         if not self.guarded:
             for f in _ROLLBACK_SCALARS:
                 del values[f]
+        if not isinstance(self.lookahead, optax.EmptyState):
+            values.update(self.lookahead._asdict())
         values["learning_rate"] = self.learning_rate
         values["loss_weights"] = self.loss_weights
         return values

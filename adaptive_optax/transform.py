@@ -11,7 +11,10 @@ each part owns its record and its transition:
    without one) checks the intervention under watch and gives a verdict;
 4. on a plateau, below ``max_interventions`` and unless the guard forbids it,
    the policy (:mod:`adaptive_optax.policy`) applies its decision: a boost, a
-   loss mix, maybe an optimizer reset; on a rollback, the guard reverts them;
+   loss mix, maybe an optimizer reset; with a lookahead
+   (:mod:`adaptive_optax.lookahead`; :data:`~adaptive_optax.lookahead.NO_LOOKAHEAD`
+   without one) the boost and mix are those of the candidate that did best
+   in a few trial steps; on a rollback, the guard reverts them;
 5. the effective learning rate ``base_schedule(step) * multiplier`` (the
    boost's ramp, :mod:`adaptive_optax.boost`), capped by
    ``max_learning_rate``, is injected into the inner optimizer's
@@ -53,6 +56,7 @@ from adaptive_optax.inner_optimizer import (
     unexpected_keywords_error,
     with_learning_rate,
 )
+from adaptive_optax.lookahead import NO_LOOKAHEAD, Lookahead
 from adaptive_optax.plateau import PlateauDetector
 from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import NO_GUARD, RollbackGuard
@@ -108,6 +112,7 @@ def plateau_escape(
     rollback: RollbackGuard | None = DEFAULT_GUARD,
     skip_nonfinite_updates: bool = True,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    lookahead: Lookahead | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """An optimizer that escapes loss plateaus by adaptive interventions.
 
@@ -118,7 +123,11 @@ def plateau_escape(
     ``optimizer_kwargs={"seed": 1}`` seeds ``optax.noisy_sgd``'s noise.
     Call ``update`` with the monitored value:
     ``tx.update(grads, state, params, value=loss)``
-    (``flax.nnx.Optimizer.update(model, grads, value=loss)`` forwards it).
+    (``flax.nnx.Optimizer.update(model, grads, value=loss)`` forwards it);
+    with a ``lookahead``, also with
+    ``value_fn(params, loss_weights) -> (loss_to_optimise, monitored_value)``
+    on the probe batch, as optax's line searches take theirs:
+    ``tx.update(grads, state, params, value=loss, value_fn=value_fn)``.
 
     Args:
         optimizer: Optax optimizer factory with a ``learning_rate`` argument,
@@ -156,6 +165,10 @@ def plateau_escape(
         optimizer_kwargs: The optimizer's own keyword arguments, e.g.
             ``{"b1": 0.95}`` (they override a partial's); not
             ``learning_rate``, which is injected.
+        lookahead: A :class:`~adaptive_optax.lookahead.Lookahead`: at each
+            intervention, try its candidate boosts and mixes for a few inner
+            steps in-graph and commit the best; ``None`` (default): the
+            policy's decision as it is.
 
     Returns:
         An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -163,6 +176,8 @@ def plateau_escape(
 
     Raises:
         ValueError: On an invalid argument; the message names it and its range.
+            ``update`` raises one when a lookahead is on and ``params`` or
+            ``value_fn`` is missing.
         TypeError: If ``optimizer`` is not a factory taking ``learning_rate``,
             ``learning_rate`` is bound in it or given in ``optimizer_kwargs``,
             a keyword of ``optimizer_kwargs`` does not fit the optimizer, or
@@ -206,6 +221,10 @@ def plateau_escape(
     guard = NO_GUARD if rollback is None else rollback
     schedule = as_schedule(learning_rate)
     inner = inject_learning_rate(optimizer, optimizer_kwargs)
+    if lookahead is not None and not isinstance(lookahead, Lookahead):
+        raise TypeError(f"lookahead must be a Lookahead or None, got {type(lookahead).__name__}.")
+    lookahead = (NO_LOOKAHEAD if lookahead is None else lookahead).bind(
+        policy=policy, optimizer=inner, sign=detector.sign, max_interventions=max_interventions)
     # Static facts of the configuration: each drops a part of the program it never needs.
     may_reset = bool(policy.plan(max_interventions)[3].any() and max_interventions > 0) or (
         guard.reset_optimizer)
@@ -215,6 +234,13 @@ def plateau_escape(
     def effective_lr(base: jax.Array, multiplier: jax.Array) -> jax.Array:
         lr = base * multiplier
         return lr if max_learning_rate is None else jnp.minimum(lr, max_learning_rate)
+
+    def committed_rate(before, step, boost, t):
+        """The rate ``t`` steps after committing ``boost`` at ``step`` (what a trial takes)."""
+        record = before._replace(boost_from=ramp.multiplier(before, step), boost_to=boost,
+                                 boost_step=step)
+        return effective_lr(jnp.asarray(schedule(step + t), jnp.float32),
+                            ramp.multiplier(record, step + t))
 
     def norm_of(updates, grad_state):
         """The EMA with this step's norm, and whether the step's update is applied."""
@@ -239,10 +265,13 @@ def plateau_escape(
             step=jnp.zeros([], jnp.int32), base_learning_rate=base, plateau=detector.init(),
             grad_norm=init_grad_norm(), intervention=intervention,
             rollback=guard.init(params, policy.initial_index),
-            loss_weights=policy.weights(intervention.mix_index), optimizer_state=inner_state)
+            loss_weights=policy.weights(intervention.mix_index), optimizer_state=inner_state,
+            lookahead=lookahead.init())
 
-    def update_fn(updates, state: PlateauEscapeState, params=None, *, value=None, **extra_args):
+    def update_fn(updates, state: PlateauEscapeState, params=None, *, value=None, value_fn=None,
+                  **extra_args):
         value = _monitored_value(value)
+        extra_args = lookahead.inner_args(params, value_fn, extra_args)
         if params is None and (may_reset or guard.restore_params):
             raise ValueError("plateau_escape with an optimizer reset or a rollback guard that "
                              "restores parameters needs params: call "
@@ -258,6 +287,11 @@ def plateau_escape(
         intervene = (event.plateau & (before.intervention_count < max_interventions)
                      & guard.permits(guard_state, verdict))
         decision = policy.decide(before, grad_state.grad_norm_ema, max_interventions)
+        decision, trial_record = lookahead.choose(
+            intervene, decision, state.lookahead, before=before,
+            grad_norm=grad_state.grad_norm_ema, params=params,
+            optimizer_state=state.optimizer_state, value_fn=value_fn, extra_args=extra_args,
+            rate=functools.partial(committed_rate, before, step))
         after = policy.apply(before, decision, intervene, step, ramp.multiplier(before, step))
         after = guard.revert(after, guard_state, verdict)
         after = after._replace(lr_multiplier=ramp.multiplier(after, step))
@@ -280,7 +314,8 @@ def plateau_escape(
         return inner_updates, PlateauEscapeState.from_records(
             step=increment_if(step), base_learning_rate=base, plateau=plateau,
             grad_norm=grad_state, intervention=after, rollback=guard_state,
-            loss_weights=policy.weights(after.mix_index), optimizer_state=inner_state)
+            loss_weights=policy.weights(after.mix_index), optimizer_state=inner_state,
+            lookahead=trial_record)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,0 +1,404 @@
+"""Lookahead: choose the intervention by trying it.
+
+At a plateau the policy's decision (its boost from the gradient-norm bins,
+its planned mix) is the prior. With ``plateau_escape(..., lookahead=Lookahead())``
+the update first tries ``K`` candidate interventions for ``steps`` steps of the
+inner optimizer, from the current parameters and optimizer state, inside the
+same jitted update, and commits the candidate whose monitored value is best
+after its trial. The trials' parameters and optimizer states are discarded:
+the real step then proceeds with the chosen boost and mix.
+
+* **Candidates** are :class:`Candidate` specs, relative to the decision: a
+  factor on the policy's ``boost - 1`` and a mix (the policy's, the current
+  one, the next planned one, or a row of the mix table). The default is the
+  policy's choice, no boost (the base rate and the current mix), half and
+  twice the policy's boost, and the policy's boost with the next planned mix.
+  The first candidate is the incumbent: another one replaces it only when its
+  trial value is better by more than ``rtol * |incumbent| + atol``.
+* **The trial** follows what committing would do: the rate at trial step ``t``
+  is the one the run would take ``t`` steps after the intervention (base
+  schedule, the boost's warm-up ramp, ``max_learning_rate``), injected with
+  ``with_learning_rate``; gradients come from ``value_fn``. A candidate whose
+  value after the trial is NaN/Inf is disqualified; if all are, the step falls
+  back to no boost. Trials diverging to NaN never reach the parameters or the
+  optimizer state; only the record holds their values.
+* **Evaluation** follows optax's line-search convention: the update receives
+  ``value_fn(params, loss_weights) -> (loss_to_optimise, monitored_value)``,
+  evaluated on whatever batch the caller closes it over (the probe batch; the
+  current batch in :func:`~adaptive_optax.segmentation.train.make_train_step`).
+  Trials on the batch they are scored on favour the candidate that fits that
+  batch best, which on a single batch rewards memorising it; a held-out probe
+  batch scores generalisation instead. The monitored value should not depend on the
+  loss weights (a fixed-weight reference loss) when candidates differ in mix,
+  or a mix with smaller weights wins by its scale.
+* **Cost**: the trials run under ``jax.lax.cond(intervene, ...)`` on every
+  backend, so a step off a plateau pays one predicate (on GPU/TPU read by the
+  host). At a plateau: ``K * steps`` forward and backward passes and ``K``
+  forward passes, vectorised with ``jax.vmap`` (``memory="vmap"``: ``K``
+  parameter and optimizer-state copies at once) or one candidate at a time
+  with ``jax.lax.map`` (``memory="map"``). Candidates that are the same for
+  the policy (the mix specs of a policy with a single mix) are tried once.
+* **Data parallel**: with ``batch_axis_name``, the trial's gradients and values
+  are ``jax.lax.pmean``-averaged over that axis (like
+  ``optax.contrib.sam``'s), so every device runs the same trials and takes the
+  same decision.
+
+Short-horizon bias (Wu et al., "Understanding Short-Horizon Bias in
+Stochastic Meta-Optimization", ICLR 2018): a greedy few-step trial favours
+small rates, since a bigger boost often raises the loss first and pays off
+later. Against it: the incumbent margin (``rtol``), trials that follow the
+ramp over several steps, and the rollback guard, which stays the long-horizon
+safety net.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adaptive_optax._validation import check_float, check_int
+from adaptive_optax.inner_optimizer import with_learning_rate
+from adaptive_optax.policy import Decision
+
+__all__ = ["DEFAULT_CANDIDATES", "NO_BOOST", "NO_LOOKAHEAD", "POLICY_CHOICE", "Candidate",
+           "Lookahead", "LookaheadState", "NoLookahead"]
+
+_MIX_WORDS = ("policy", "current", "next")
+_MEMORY = ("vmap", "map")
+MAX_TRIAL_STEPS = 10_000
+MAX_CANDIDATES = 64
+MAX_BOOST_SCALE = 1e3
+# trial_choice: before any trial, and when every candidate was non-finite.
+NO_TRIAL, ALL_NONFINITE = -1, -2
+
+
+class LookaheadState(NamedTuple):
+    """The record of the latest trial (kept until the next one)."""
+
+    trial_values: jax.Array  # float32 [K], monitored value after each candidate's trial (NaN before any)
+    trial_curves: jax.Array  # float32 [K, steps + 1], monitored value at trial steps 0..steps
+    trial_choice: jax.Array  # int32 [], committed candidate; -1 before any trial, -2 all non-finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One candidate intervention, relative to the policy's decision.
+
+    Args:
+        boost_scale: Factor on the policy's ``boost - 1``: the candidate's
+            boost is ``1 + boost_scale * (boost - 1)``; 0 is no boost (the
+            base rate), 1 the policy's boost, 2 twice its excess over the
+            base. A factor on ``boost - 1`` rather than on the boost keeps
+            every candidate on the line through "no boost" and the policy's
+            choice, the same scale the rollback guard's ``shrink`` uses: half
+            of a 1.5x boost is 1.25x, not a rate cut to 0.75x. A boost below
+            1 scaled past 1 is floored at the smallest float32 normal (never
+            a negative rate).
+        mix: ``"policy"`` (the decision's mix), ``"current"`` (the mix in
+            use), ``"next"`` (the mix the plan holds for the intervention
+            after this one) or a row index of the policy's ``all_mixes``.
+
+    Raises:
+        ValueError: If ``boost_scale`` is outside ``[0, 1000]`` or ``mix`` is not one of these.
+
+    Example:
+        >>> Candidate(0.5).boost_scale, Candidate(0.5).mix
+        (0.5, 'policy')
+    """
+
+    boost_scale: float = 1.0
+    mix: str | int = "policy"
+
+    def __post_init__(self):
+        object.__setattr__(self, "boost_scale", check_float(
+            "boost_scale", self.boost_scale, low=0.0, high=MAX_BOOST_SCALE))
+        if isinstance(self.mix, str):
+            if self.mix not in _MIX_WORDS:
+                raise ValueError(f"mix must be one of {_MIX_WORDS} or a row index of the "
+                                 f"policy's all_mixes, got mix = {self.mix!r}.")
+        elif (isinstance(self.mix, (bool, np.bool_)) or not isinstance(self.mix, numbers.Integral)
+              or self.mix < 0):
+            raise ValueError(f"mix must be one of {_MIX_WORDS} or a row index (an int >= 0) of "
+                             f"the policy's all_mixes, got mix = {self.mix!r}.")
+
+    def boost(self, policy_boost: jax.Array) -> jax.Array:
+        """This candidate's boost for the policy's ``policy_boost`` (exact at scale 0 and 1)."""
+        if self.boost_scale == 0.0:
+            return jnp.ones([], jnp.float32)
+        if self.boost_scale == 1.0:
+            return policy_boost
+        scaled = 1.0 + jnp.float32(self.boost_scale) * (policy_boost - 1.0)
+        return jnp.maximum(scaled, np.finfo(np.float32).tiny).astype(jnp.float32)
+
+
+POLICY_CHOICE = Candidate(1.0, "policy")
+NO_BOOST = Candidate(0.0, "current")
+DEFAULT_CANDIDATES = (POLICY_CHOICE, NO_BOOST, Candidate(0.5), Candidate(2.0),
+                      Candidate(1.0, "next"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+    """Try candidate interventions in-graph at a plateau and commit the best.
+
+    Args:
+        steps: Trial length in inner-optimizer steps (>= 1).
+        candidates: :class:`Candidate` specs (or ``(boost_scale, mix)``
+            pairs), at most 64; the first is the incumbent. Default
+            :data:`DEFAULT_CANDIDATES`.
+        memory: ``"vmap"`` runs the ``K`` trials vectorised (``K`` parameter
+            copies at once); ``"map"`` runs them one after another with
+            ``jax.lax.map`` (one copy at a time).
+        batch_axis_name: ``None``, or the axis name over which the trials'
+            gradients and values are ``jax.lax.pmean``-averaged (data
+            parallelism under ``shard_map``/``pmap``): every device takes the
+            same decision.
+        rtol: Relative margin by which a candidate must beat the incumbent
+            (``candidates[0]``) to replace it, ``>= 0``: a counter to the
+            trials' short-horizon bias towards small rates.
+        atol: Absolute margin, ``>= 0``.
+
+    Raises:
+        ValueError: If an argument is out of range; the message names it.
+        TypeError: If ``steps`` is not an integer.
+
+    Example:
+        >>> la = Lookahead(steps=2, candidates=((1.0, "policy"), (0.0, "current")))
+        >>> la.init().trial_values.shape
+        (2,)
+    """
+
+    steps: int = 4
+    candidates: Sequence[Candidate] = DEFAULT_CANDIDATES
+    memory: str = "vmap"
+    batch_axis_name: Hashable | None = None
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    def __post_init__(self):
+        check_int("steps", self.steps, minimum=1, maximum=MAX_TRIAL_STEPS)
+        candidates = self.candidates
+        if isinstance(candidates, (str, bytes, Candidate)) or not isinstance(candidates, Sequence) \
+                or not 1 <= len(candidates) <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be a sequence of 1 to {MAX_CANDIDATES} Candidate "
+                             f"specs or (boost_scale, mix) pairs, got candidates = {candidates!r}.")
+        specs = []
+        for i, c in enumerate(candidates):
+            if isinstance(c, Candidate):
+                specs.append(c)
+            elif isinstance(c, tuple) and len(c) == 2:
+                try:
+                    specs.append(Candidate(*c))
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"candidates[{i}]: {err}") from None
+            else:
+                raise ValueError(f"candidates[{i}] must be a Candidate or a (boost_scale, mix) "
+                                 f"pair, got {c!r}.")
+        object.__setattr__(self, "candidates", tuple(specs))
+        if self.memory not in _MEMORY:
+            raise ValueError(f"memory must be one of {_MEMORY}, got memory = {self.memory!r}.")
+        if self.batch_axis_name is not None and not isinstance(self.batch_axis_name, Hashable):
+            raise ValueError("batch_axis_name must be None or an axis name (hashable), got "
+                             f"batch_axis_name = {self.batch_axis_name!r}.")
+        check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)
+        check_float("atol", self.atol, low=0.0, high=math.inf, high_open=True)
+
+    def init(self) -> LookaheadState:
+        """The record before any trial: NaN values and choice -1."""
+        k = len(self.candidates)
+        return LookaheadState(
+            trial_values=jnp.full([k], jnp.nan, jnp.float32),
+            trial_curves=jnp.full([k, self.steps + 1], jnp.nan, jnp.float32),
+            trial_choice=jnp.full([], NO_TRIAL, jnp.int32))
+
+    def bind(self, *, policy, optimizer: optax.GradientTransformation, sign: float,
+             max_interventions: int) -> BoundLookahead:
+        """This lookahead for one ``plateau_escape``: its policy, inner optimizer and mode.
+
+        Raises:
+            ValueError: If a candidate's mix row is not a row of ``policy.all_mixes``.
+        """
+        rows = len(policy.all_mixes)
+        for i, c in enumerate(self.candidates):
+            if not isinstance(c.mix, str) and c.mix >= rows:
+                raise ValueError(f"candidates[{i}].mix = {c.mix} is not a row of the policy's "
+                                 f"all_mixes, which has {rows} rows.")
+        return BoundLookahead(self, policy, optimizer, float(sign), max_interventions)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundLookahead:
+    """A :class:`Lookahead` bound to a ``plateau_escape``'s policy, optimizer and mode."""
+
+    config: Lookahead
+    policy: Any
+    optimizer: optax.GradientTransformation
+    sign: float
+    max_interventions: int
+
+    def init(self) -> LookaheadState:
+        """The record before any trial."""
+        return self.config.init()
+
+    def inner_args(self, params, value_fn, extra_args: dict) -> dict:
+        """The extra arguments of the inner optimizer (``value_fn`` is the lookahead's).
+
+        Raises:
+            ValueError: If ``params`` or ``value_fn`` is missing.
+        """
+        if params is None or value_fn is None:
+            raise ValueError(
+                "plateau_escape with a lookahead needs params and value_fn: call "
+                "tx.update(grads, state, params, value=loss, value_fn=value_fn) with "
+                "value_fn(params, loss_weights) -> (loss_to_optimise, monitored_value) "
+                "evaluated on the probe batch (the trials start from params).")
+        return extra_args
+
+    def choose(self, intervene: jax.Array, decision: Decision, record: LookaheadState, *,
+               before, grad_norm: jax.Array, params, optimizer_state,
+               rate: Callable[[jax.Array, jax.Array], jax.Array], value_fn: Callable,
+               extra_args: dict) -> tuple[Decision, LookaheadState]:
+        """The decision to commit and the new record; trials only where ``intervene``.
+
+        Args:
+            intervene: bool []: this step intervenes (the trials' ``lax.cond`` predicate).
+            decision: The policy's :class:`~adaptive_optax.policy.Decision`.
+            record: The record before this step.
+            before: The :class:`~adaptive_optax.policy.InterventionState` before this step.
+            grad_norm: The gradient-norm EMA (for the next planned mix).
+            params: The parameters the trials start from.
+            optimizer_state: The inner optimizer state the trials start from.
+            rate: ``rate(boost, t)``: the learning rate ``t`` steps after
+                committing ``boost``.
+            value_fn: ``value_fn(params, loss_weights) -> (loss, monitored)``.
+            extra_args: The inner optimizer's extra arguments.
+
+        Returns:
+            ``(decision, record)``: the decision with the chosen boost and mix
+            (its reset unchanged), and the trial's record (``record`` unchanged
+            off a plateau).
+        """
+        def trial():
+            boosts, mixes = self._candidates(decision, before, grad_norm)
+            unique, slot = self._unique()
+            curves = self._trials(boosts[unique], mixes[unique], params, optimizer_state, rate,
+                                  value_fn, extra_args)[slot]
+            values = curves[:, -1]
+            choice = self._best(values)
+            committed = jnp.clip(choice, 0)
+            boost = jnp.where(choice >= 0, boosts[committed], 1.0).astype(jnp.float32)
+            mix = jnp.where(choice >= 0, mixes[committed], before.mix_index).astype(jnp.int32)
+            return boost, mix, LookaheadState(values, curves, choice)
+
+        def passthrough():
+            return decision.boost, decision.mix_index, record
+
+        boost, mix, record = jax.lax.cond(intervene, trial, passthrough)
+        return decision._replace(boost=boost, mix_index=mix), record
+
+    def _candidates(self, decision, before, grad_norm) -> tuple[jax.Array, jax.Array]:
+        """float32 [K] boosts and int32 [K] mix rows of the candidates."""
+        upcoming = before._replace(intervention_count=before.intervention_count + 1,
+                                   force_final_mix=jnp.zeros([], jnp.bool_))
+        mixes = {"policy": decision.mix_index, "current": before.mix_index,
+                 "next": self.policy.decide(upcoming, grad_norm, self.max_interventions).mix_index}
+        boosts = [c.boost(decision.boost) for c in self.config.candidates]
+        rows = [mixes[c.mix] if isinstance(c.mix, str) else c.mix for c in self.config.candidates]
+        return (jnp.stack([jnp.asarray(b, jnp.float32) for b in boosts]),
+                jnp.stack([jnp.asarray(r, jnp.int32) for r in rows]))
+
+    def _unique(self) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates to try, and each candidate's row among them (static).
+
+        With a single distinct mix in the policy's table, every mix spec is the
+        same mix: candidates that differ only in it are tried once.
+        """
+        table = np.asarray(self.policy.all_mixes)
+        one_mix = table.shape[1] == 0 or bool((table == table[:1]).all())
+        keys = [(c.boost_scale, None if one_mix else c.mix) for c in self.config.candidates]
+        first = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        unique = sorted(set(first.values()))
+        slot = [unique.index(first[key]) for key in keys]
+        return np.asarray(unique, np.int32), np.asarray(slot, np.int32)
+
+    def _trials(self, boosts, mixes, params, optimizer_state, rate, value_fn, extra_args):
+        """float32 [K, steps + 1]: each candidate's monitored value over its trial."""
+        axis = self.config.batch_axis_name
+        mean = (lambda x: x) if axis is None else (lambda x: jax.lax.pmean(x, axis))
+        grad_fn = jax.value_and_grad(value_fn, has_aux=True)
+
+        def run(candidate):
+            boost, mix = candidate
+            weights = self.policy.weights(mix)
+
+            def step(carry, t):
+                p, s = carry
+                (_, monitored), grads = grad_fn(p, weights)
+                grads, monitored = mean(grads), mean(jnp.asarray(monitored, jnp.float32))
+                s = with_learning_rate(s, rate(boost, t))
+                updates, s = self.optimizer.update(grads, s, p, value=monitored, **extra_args)
+                return (optax.apply_updates(p, updates), s), monitored
+
+            (p, _), curve = jax.lax.scan(step, (params, optimizer_state),
+                                         jnp.arange(self.config.steps, dtype=jnp.int32))
+            final = mean(jnp.asarray(value_fn(p, weights)[1], jnp.float32))
+            return jnp.concatenate([curve, final[None]])
+
+        if self.config.memory == "vmap":
+            return jax.vmap(run)((boosts, mixes))
+        return jax.lax.map(run, (boosts, mixes))
+
+    def _best(self, values: jax.Array) -> jax.Array:
+        """int32 []: the committed candidate (mode-aware; the incumbent wins near-ties)."""
+        score = jnp.where(jnp.isfinite(values), self.sign * values, jnp.inf)
+        best = jnp.argmin(score).astype(jnp.int32)
+        margin = self.config.rtol * jnp.abs(values[0]) + self.config.atol
+        keep = jnp.isfinite(score[0]) & (score[best] >= score[0] - margin)
+        choice = jnp.where(keep, 0, best)
+        return jnp.where(jnp.isfinite(score).any(), choice, ALL_NONFINITE).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoLookahead:
+    """The absent lookahead: the same calls as :class:`BoundLookahead`, the policy's decision.
+
+    ``plateau_escape(..., lookahead=None)`` uses :data:`NO_LOOKAHEAD`: its
+    record is ``optax.EmptyState()`` and ``choose`` returns the decision as
+    it is, so the update compiles to what it would be without lookahead code.
+
+    Example:
+        >>> NO_LOOKAHEAD.init()
+        EmptyState()
+    """
+
+    def bind(self, **unused) -> NoLookahead:
+        """Itself."""
+        del unused
+        return self
+
+    def init(self) -> optax.EmptyState:
+        """No record."""
+        return optax.EmptyState()
+
+    def inner_args(self, params, value_fn, extra_args: dict) -> dict:
+        """``extra_args``, with ``value_fn`` passed on to the inner optimizer if given."""
+        del params
+        return extra_args if value_fn is None else {**extra_args, "value_fn": value_fn}
+
+    def choose(self, intervene, decision, record, **unused):
+        """``(decision, record)``, unchanged."""
+        del intervene, unused
+        return decision, record
+
+
+NO_LOOKAHEAD = NoLookahead()
