@@ -22,39 +22,28 @@ from adaptive_optax import presets
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import GradNormState, global_norm
 from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
-from adaptive_optax.policy import (
-    BALANCED_MIX,
-    DEFAULT_INITIAL_MIX,
-    SEED_MIXES,
-    InterventionPolicy,
-    InterventionState,
-    adaptive_policy,
-    legacy_policy,
-)
-from adaptive_optax.rollback import RollbackGuard, RollbackState
+from adaptive_optax.policy import InterventionPolicy, InterventionState
+from adaptive_optax.rollback import NO_GUARD, NoGuard, RollbackGuard, RollbackState
 from adaptive_optax.state import PlateauEscapeState, find_state, state_field
 from adaptive_optax.transform import plateau_escape
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BALANCED_MIX",
-    "DEFAULT_INITIAL_MIX",
     "GradNormState",
     "InterventionPolicy",
     "InterventionState",
+    "NO_GUARD",
+    "NoGuard",
     "PlateauDetector",
     "PlateauEscapeState",
     "PlateauState",
     "RollbackGuard",
     "RollbackState",
-    "SEED_MIXES",
     "WindowEvent",
-    "adaptive_policy",
     "boost_multiplier",
     "find_state",
     "global_norm",
-    "legacy_policy",
     "plateau_escape",
     "presets",
     "state_field",
@@ -62,18 +51,25 @@ __all__ = [
 
 # What moved to adaptive_optax.segmentation: the names this package exported,
 # and its modules (``adaptive_optax.losses`` etc.), so an old spelling fails
-# with a pointer instead of a bare AttributeError.
-_MOVED = frozenset({
+# with a pointer instead of a bare AttributeError. The seed's policies and
+# mixes were renamed on the way: "seed" read as the PRNG seed, "legacy" as old code.
+_MOVED = {name: name for name in (
     "History", "STRATEGIES", "SegmentationData", "UNet", "fit", "init_train_state",
     "load_dataset", "loss_components", "make_eval_step", "make_optimizer", "make_train_step",
     "mixed_loss",
     "checkpoint", "data", "loop", "losses", "metrics", "plotting", "strategies", "train", "unet",
-})
+)} | {
+    "adaptive_policy": "policies.adaptive_mix_policy",
+    "legacy_policy": "policies.scripted_policy",
+    "SEED_MIXES": "policies.MIX_TABLE",
+    "BALANCED_MIX": "policies.BALANCED_MIX",
+    "DEFAULT_INITIAL_MIX": "policies.INITIAL_MIX",
+}
 
 
 def __getattr__(name: str):
     if name in _MOVED:
-        raise AttributeError(f"adaptive_optax.{name} moved to adaptive_optax.segmentation.{name} "
-                             f"(the segmentation application is its own package; the top level "
-                             f"is the optimizer core)")
+        raise AttributeError(f"adaptive_optax.{name} moved to adaptive_optax.segmentation."
+                             f"{_MOVED[name]} (the segmentation application is its own package; "
+                             f"the top level is the optimizer core)")
     raise AttributeError(f"module 'adaptive_optax' has no attribute {name!r}")

@@ -1,7 +1,8 @@
-"""The intervention policy: the table of boosts and loss mixes, decided in-graph.
+"""The intervention policy: the table of boosts (and optional loss mixes), decided in-graph.
 
-The seed trainer's ``_handle_plateau`` as a validated, frozen config object.
-Its defaults are the seed's rules:
+The seed trainer's ``_handle_plateau`` as a validated, frozen config object,
+with ``init``/``decide``/``apply`` owning the record of what the
+interventions set (:class:`InterventionState`). Its boost rules are the seed's:
 
 * **Boost from the gradient-norm EMA.** ``grad_norm_thresholds=(0.01, 0.1,
   0.5)`` split the norm into half-open bins ``[0, 0.01)``, ``[0.01, 0.1)``,
@@ -15,14 +16,20 @@ Its defaults are the seed's rules:
 * **Fallback.** With gradient tracking off (``use_grad_norm=False``), the boost
   is ``fixed_boosts[k-1]`` (default 5x, the seed's "standard" bin, which is
   also what its default ``avg_gradient_norm=0.1`` yields), still damped.
-* **Loss mixes.** Interventions pick a mix uniformly at random from ``mixes``
-  (default: the seed's five), never re-picking the current one when
-  ``avoid_repeat``. The picks of all interventions are drawn at ``init`` from
-  the state's PRNG key (``planned_mix_index``), so a run's plan is reproducible
-  from its seed and visible in advance; the last allowed intervention uses ``final_mix`` (the
-  seed's conservative dice 0.6 / focal 0.4). ``mix_plan`` overrides this per
-  intervention with ``"random"``, ``"final"``, ``"keep"`` or a table index.
 * **Optimizer reset** per intervention with ``reset_optimizer``.
+
+**Loss mixes are optional.** The core knows no loss names: the default policy
+has no mixes, and its state's ``loss_weights`` is an empty dict (no leaves:
+the state's type and fields do not depend on the policy, and nothing is
+stored). A policy with ``mixes`` (the segmentation application's
+:func:`adaptive_optax.segmentation.policies.adaptive_mix_policy` is the
+seed's) switches the loss mix at interventions: a mix is picked uniformly at
+random from ``mixes``, never re-picking the current one when
+``avoid_repeat``. The picks of all interventions are drawn at ``init`` from
+the state's PRNG key (``planned_mix_index``), so a run's plan is
+reproducible from its seed and visible in advance; the last allowed
+intervention uses ``final_mix``. ``mix_plan`` overrides this per
+intervention with ``"random"``, ``"final"``, ``"keep"`` or a table index.
 
 Per-intervention sequences (``damping``, ``fixed_boosts``, ``mix_plan``,
 ``reset_optimizer``) repeat their last entry for later interventions.
@@ -49,22 +56,6 @@ FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 LossMix = Mapping[str, float]
 MixStep = Union[str, int]
-
-# Read-only views: a user's edit of a module constant must not change the
-# defaults of every policy built after it.
-SEED_MIXES: tuple[Mapping[str, float], ...] = tuple(MappingProxyType(m) for m in (
-    {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0},  # balanced
-    {"dice": 0.5, "focal": 0.5, "variance": 0.0, "bce": 0.0},  # focal-heavy
-    {"dice": 0.4, "focal": 0.6, "variance": 0.0, "bce": 0.0},  # very focal-heavy
-    {"dice": 0.7, "focal": 0.3, "variance": 0.0, "bce": 0.0},  # dice-heavy
-    {"dice": 0.5, "focal": 0.3, "variance": 0.2, "bce": 0.0},  # with variance
-))
-BALANCED_MIX: Mapping[str, float] = MappingProxyType(
-    {"dice": 0.6, "focal": 0.4, "variance": 0.0, "bce": 0.0})
-# The seed never states the mix used before the first plateau; this one
-# switches every component on so that each later mix is a real change.
-DEFAULT_INITIAL_MIX: Mapping[str, float] = MappingProxyType(
-    {"dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
 
 _PLAN_WORDS = ("random", "final", "keep")
 _RANDOM, _FINAL, _KEEP = -1, -2, -3
@@ -105,12 +96,15 @@ class InterventionPolicy:
             use ``fixed_boosts`` (the seed's fallback).
         fixed_boosts: Per-intervention boosts used when ``use_grad_norm=False``.
         mixes: Candidate loss mixes, dicts of non-negative weights with the
-            same keys, not all zero.
-        initial_mix: The mix before any intervention.
-        final_mix: The conservative mix of the last intervention.
-        mix_plan: Per intervention ``"random"``, ``"final"``, ``"keep"`` (the
-            mix in use, also after a rollback changed it) or an index into
-            ``mixes``. ``None``: random, then final for the last.
+            keys of ``initial_mix``, not all zero; ``()`` (default): none.
+        initial_mix: The mix before any intervention; ``{}`` (default)
+            without mixes.
+        final_mix: The conservative mix of the last intervention (and of the
+            one after a rollback); same keys.
+        mix_plan: Per intervention ``"random"`` (needs ``mixes``),
+            ``"final"``, ``"keep"`` (the mix in use, also after a rollback
+            changed it) or an index into ``mixes``. ``None``: random (keep
+            without ``mixes``), then final for the last.
         avoid_repeat: A random pick never repeats the current table mix.
         reset_optimizer: Per-intervention flags to re-initialise the inner
             optimizer state.
@@ -119,9 +113,11 @@ class InterventionPolicy:
         ValueError: On any invalid argument; the message names it.
 
     Example:
-        >>> policy = InterventionPolicy(damping=(1.0, 0.8))
-        >>> policy.loss_names
-        ('bce', 'dice', 'focal', 'variance')
+        >>> InterventionPolicy(damping=(1.0, 0.8)).loss_names
+        ()
+        >>> mix = {"a": 0.5, "b": 0.5}
+        >>> InterventionPolicy(mixes=(mix,), initial_mix=mix, final_mix=mix).loss_names
+        ('a', 'b')
     """
 
     grad_norm_thresholds: Sequence[float] = (0.01, 0.1, 0.5)
@@ -129,9 +125,9 @@ class InterventionPolicy:
     damping: Sequence[float] = (1.0, 0.7, 0.5)
     use_grad_norm: bool = True
     fixed_boosts: Sequence[float] = (5.0,)
-    mixes: Sequence[LossMix] = SEED_MIXES
-    initial_mix: LossMix = dataclasses.field(default_factory=lambda: dict(DEFAULT_INITIAL_MIX))
-    final_mix: LossMix = dataclasses.field(default_factory=lambda: dict(BALANCED_MIX))
+    mixes: Sequence[LossMix] = ()
+    initial_mix: LossMix = dataclasses.field(default_factory=dict)
+    final_mix: LossMix = dataclasses.field(default_factory=dict)
     mix_plan: Sequence[MixStep] | None = None
     avoid_repeat: bool = True
     reset_optimizer: Sequence[bool] = (False,)
@@ -166,10 +162,12 @@ class InterventionPolicy:
                              f"min(damping)) must be at least {FLOAT32_TINY:g} (the smallest "
                              "float32 normal; XLA flushes smaller values to 0), got "
                              f"{min(boosts + fixed)} * {min(damping)}.")
-        if isinstance(self.mixes, (str, bytes, Mapping)) or not isinstance(self.mixes, Sequence) \
-                or len(self.mixes) == 0:
-            raise ValueError(f"mixes must be a non-empty sequence of dicts, got mixes = {self.mixes!r}.")
+        if isinstance(self.mixes, (str, bytes, Mapping)) or not isinstance(self.mixes, Sequence):
+            raise ValueError(f"mixes must be a sequence of dicts, got mixes = {self.mixes!r}.")
         names = _mix_names("initial_mix", self.initial_mix)
+        if self.mixes and not names:
+            raise ValueError("initial_mix must be given with mixes (the mix before the first "
+                             "intervention, with the same loss names), got initial_mix = {}.")
         for i, mix in enumerate(self.mixes):
             _check_mix(f"mixes[{i}]", mix, names)
         _check_mix("initial_mix", self.initial_mix, names)
@@ -179,6 +177,9 @@ class InterventionPolicy:
                     or len(self.mix_plan) == 0:
                 raise ValueError(f"mix_plan must be None or a non-empty sequence, got {self.mix_plan!r}.")
             for i, step in enumerate(self.mix_plan):
+                if step == "random" and not self.mixes:
+                    raise ValueError(f"mix_plan[{i}] = 'random' needs a table to pick from: "
+                                     "mixes is empty.")
                 ok = step in _PLAN_WORDS if isinstance(step, str) else (
                     isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_))
                     and 0 <= step < len(self.mixes))
@@ -244,7 +245,7 @@ class InterventionPolicy:
         """
         n = max(max_interventions, 1)
         if self.mix_plan is None:
-            words: Sequence[MixStep] = ["random"] * (n - 1) + ["final"]
+            words: Sequence[MixStep] = ["random" if self.mixes else "keep"] * (n - 1) + ["final"]
         else:
             words = self.mix_plan
         codes = [{"random": _RANDOM, "final": _FINAL, "keep": _KEEP}.get(w, w) if isinstance(w, str)
@@ -399,8 +400,8 @@ def _towards_one(boost: jax.Array, conservatism: jax.Array) -> jax.Array:
 
 
 def _mix_names(name: str, mix) -> tuple[str, ...]:
-    if not isinstance(mix, Mapping) or not mix or not all(isinstance(k, str) for k in mix):
-        raise ValueError(f"{name} must be a non-empty dict from loss names (str) to weights, "
+    if not isinstance(mix, Mapping) or not all(isinstance(k, str) for k in mix):
+        raise ValueError(f"{name} must be a dict from loss names (str) to weights, "
                          f"got {name} = {mix!r}.")
     return tuple(sorted(mix))
 
@@ -417,47 +418,10 @@ def _check_mix(name: str, mix, names: tuple[str, ...]) -> None:
                 or not math.isfinite(v) or not 0 <= v <= FLOAT32_MAX:
             raise ValueError(f"{name}[{k!r}] must be a finite weight in [0, {FLOAT32_MAX:g}] "
                              f"(float32), got {v!r}.")
-    if sum(values) <= 0:
+    if names and sum(values) <= 0:
         raise ValueError(f"{name} must have at least one positive weight, got {dict(mix)}.")
 
 
 def _stretch(values: Sequence, n: int, dtype) -> np.ndarray:
     values = list(values)[:n]
     return np.array(values + [values[-1]] * (n - len(values)), dtype)
-
-
-def adaptive_policy(**overrides) -> InterventionPolicy:
-    """The seed's adaptive strategy (all defaults), with optional overrides.
-
-    Example:
-        >>> adaptive_policy(damping=(1.0, 0.5)).damping
-        (1.0, 0.5)
-    """
-    return InterventionPolicy(**overrides)
-
-
-def legacy_policy(**overrides) -> InterventionPolicy:
-    """The seed's old deterministic strategy, for comparison.
-
-    Intervention 1: 10x and "disable complex losses" (variance and BCE off:
-    dice 0.5 / focal 0.5); 2: 5x and focal only; 3: 3x, optimizer reset and
-    dice only. No gradient tracking, no damping, no randomness.
-
-    Example:
-        >>> legacy_policy().fixed_boosts
-        (10.0, 5.0, 3.0)
-    """
-    names = DEFAULT_INITIAL_MIX.keys()
-    only = lambda *on: {k: (1.0 / len(on) if k in on else 0.0) for k in names}  # noqa: E731
-    config = dict(
-        use_grad_norm=False,
-        fixed_boosts=(10.0, 5.0, 3.0),
-        damping=(1.0,),
-        mixes=(only("dice", "focal"), only("focal"), only("dice")),
-        final_mix=only("dice"),
-        mix_plan=(0, 1, 2),
-        avoid_repeat=False,
-        reset_optimizer=(False, False, True),
-    )
-    config.update(overrides)
-    return InterventionPolicy(**config)

@@ -6,14 +6,14 @@
   turns worse within steps. Chosen so that a run that has already converged at a
   good rate is not wrecked (docs/design.md, "First, do no harm";
   ``benchmarks/lr_grid.py``).
-* :func:`seed_options`: the seed trainer's interventions as written, an
-  immediate boost and no guard. Kept to compare with, and for the tests of the
-  seed's rules.
+* :func:`unguarded_options`: the seed trainer's interventions as written,
+  an immediate boost and no guard. Kept to compare with, and for the tests of
+  the seed's rules.
 
 Example:
     >>> import optax
     >>> from adaptive_optax import plateau_escape
-    >>> tx = plateau_escape(optax.adam, 1e-3, **seed_options())
+    >>> tx = plateau_escape(optax.adam, 1e-3, **unguarded_options())
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from adaptive_optax._validation import check_int
 from adaptive_optax.rollback import RollbackGuard
 
-__all__ = ["recommended_options", "seed_options"]
+__all__ = ["recommended_options", "unguarded_options"]
 
 
 def recommended_options(accumulation_steps: int) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def recommended_options(accumulation_steps: int) -> dict[str, Any]:
                 rollback=RollbackGuard(restore_params=False))
 
 
-def seed_options() -> dict[str, Any]:
+def unguarded_options() -> dict[str, Any]:
     """The seed's interventions as written: the boost at once, no guard.
 
     Returns:
@@ -57,7 +57,7 @@ def seed_options() -> dict[str, Any]:
         :func:`adaptive_optax.plateau_escape` with any policy.
 
     Example:
-        >>> seed_options()
+        >>> unguarded_options()
         {'boost_warmup_steps': 0, 'rollback': None}
     """
     return dict(boost_warmup_steps=0, rollback=None)

@@ -143,7 +143,9 @@ def plateau_escape(
         max_interventions: Cap on interventions (>= 0; 0 only monitors).
         seed: Seed of the PRNG key kept in the state for random mix picks
             (an optimizer's own seed goes in ``optimizer_kwargs``).
-        policy: Boosts, mixes and resets; default :func:`adaptive_policy`.
+        policy: Boosts, optional loss mixes and resets; default
+            ``InterventionPolicy()``: the seed's boosts, no mixes (``loss_weights`` is ``{}``;
+            the seed's mixes: ``adaptive_optax.segmentation.adaptive_mix_policy()``).
         grad_norm_decay: Decay of the gradient-norm EMA, in ``[0, 1)``.
         boost_warmup_steps: Linear ramp into each boost (>= 0 steps); ``None``
             (default): one window, ``accumulation_steps``. ``0`` is the seed's

@@ -79,6 +79,7 @@ import adaptive_optax as ao
 from adaptive_optax.segmentation import plotting
 from adaptive_optax.segmentation.data import load_dataset
 from adaptive_optax.segmentation.loop import fit
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from adaptive_optax.segmentation.train import (
     init_train_state,
     make_eval_step,
@@ -137,7 +138,7 @@ and drives it. The knobs used here:
 | `cooldown` | 1 | one window after an intervention in which no plateau is counted |
 | `max_interventions` | 3 | at most three interventions |
 | `boost_decay_steps` | 64 | each boost decays linearly back to the base rate over 8 epochs |
-| `policy` | `adaptive_policy()` | what an intervention does (below) |
+| `policy` | `adaptive_mix_policy()` | what an intervention does (below): the seed's boosts and loss mixes |
 
 The adaptive policy picks the boost from the gradient-norm EMA (below 0.01 → x15,
 0.01–0.1 → x10, 0.1–0.5 → x5, above → x3; small gradients get the big boosts), damped by 1.0,
@@ -151,7 +152,7 @@ jitted step can donate. The plateau-escape state sits inside the optimizer state
 packed rest too), for instance the loss-mix weights the train step will use:
 """),
         ("code", r"""
-policy = ao.adaptive_policy()
+policy = adaptive_mix_policy()
 tx = ao.plateau_escape(
     optax.adam,
     learning_rate=1e-3,
@@ -285,7 +286,7 @@ Edit the parameters in the next cell and rerun the notebook (one to two minutes 
 CPU; most of it is compiling one train step per strategy).
 """),
         ("params", r"""
-# Adaptive policy (adaptive_optax.adaptive_policy)
+# Adaptive policy (adaptive_optax.segmentation.adaptive_mix_policy)
 GRAD_NORM_THRESHOLDS = (0.01, 0.1, 0.5)  # bin edges of the gradient-norm EMA
 GRAD_NORM_BOOSTS = (15.0, 10.0, 5.0, 3.0)  # one boost per bin: small gradients, big boost
 DAMPING = (1.0, 0.7, 0.5)  # factor on the boost of interventions 1, 2, 3
@@ -332,6 +333,7 @@ from adaptive_optax.segmentation import plotting
 from adaptive_optax.segmentation.data import load_dataset
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss
 from adaptive_optax.segmentation.loop import fit
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from adaptive_optax.segmentation.strategies import make_optimizer, policy_for
 from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
 from adaptive_optax.segmentation.unet import UNet
@@ -354,8 +356,8 @@ around Adam, so every run records the same state fields); `policy=` swaps in the
 from the parameters above.
 """),
         ("code", r"""
-adaptive = ao.adaptive_policy(grad_norm_thresholds=GRAD_NORM_THRESHOLDS,
-                              grad_norm_boosts=GRAD_NORM_BOOSTS, damping=DAMPING, mixes=MIXES)
+adaptive = adaptive_mix_policy(grad_norm_thresholds=GRAD_NORM_THRESHOLDS,
+                               grad_norm_boosts=GRAD_NORM_BOOSTS, damping=DAMPING, mixes=MIXES)
 shared = dict(patience=PATIENCE, accumulation_steps=STEPS_PER_EPOCH, cooldown=COOLDOWN,
               rtol=RTOL, max_interventions=MAX_INTERVENTIONS, seed=SEED,
               boost_decay_steps=BOOST_DECAY_STEPS)

@@ -78,13 +78,14 @@ def train(process_id: int | None, port: int | None, steps: int, out_path: str) -
     from flax import nnx
 
     import adaptive_optax as ao
+    from adaptive_optax.segmentation.policies import adaptive_mix_policy
     from adaptive_optax import parallel
     from adaptive_optax.segmentation.data import SegmentationData, batches, synthetic_shapes
     from adaptive_optax.segmentation.train import init_train_state, make_train_step
     from adaptive_optax.segmentation.unet import UNet
 
     mesh = parallel.data_parallel_mesh()
-    policy = ao.adaptive_policy()
+    policy = adaptive_mix_policy()
     # An "rbg" key: threefry initialisation compiles many small eager kernels,
     # seconds of start-up on a 2-core machine.
     rngs = nnx.Rngs(jax.random.key(0, impl="rbg"))

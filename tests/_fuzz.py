@@ -42,6 +42,7 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import INITIAL_MIX, MIX_TABLE, scripted_policy
 from adaptive_optax.segmentation import strategies
 from adaptive_optax.segmentation.data import load_dataset, synthetic_shapes
 from adaptive_optax.segmentation.unet import UNet
@@ -143,7 +144,7 @@ def _rbg_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(jax.random.key(seed, impl="rbg"))
 
 
-MIX = dict(ao.DEFAULT_INITIAL_MIX)
+MIX = dict(INITIAL_MIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +185,7 @@ def targets() -> list[Target]:
                    max_learning_rate=float_pool((1e-2, 1.0), (0.0, -1.0), huge=ANY,
                                                 none_ok=True),
                    skip_nonfinite_updates=bool_pool(),
-                   policy=[(ao.legacy_policy(), OK), ("adaptive", BAD), ({}, BAD)],
+                   policy=[(scripted_policy(), OK), ("adaptive", BAD), ({}, BAD)],
                    rollback=[(ao.RollbackGuard(), OK), (None, OK),
                              (ao.RollbackGuard(restore_params=False), OK), (True, BAD),
                              ("guard", BAD)],
@@ -197,7 +198,9 @@ def targets() -> list[Target]:
                    bogus_option=[(1, BAD)],
                ),
                use=use_tx),
-        Target("InterventionPolicy", ao.InterventionPolicy, {},
+        # With a table of the seed's size (mix_plan's index 4) and its keys: the mix checks.
+        Target("InterventionPolicy", ao.InterventionPolicy,
+               dict(mixes=tuple(MIX_TABLE), initial_mix=MIX, final_mix=MIX),
                dict(
                    grad_norm_thresholds=seq_pool(
                        [(0.01, 0.1, 0.5), [0.2, 0.3, 0.4]],
@@ -208,9 +211,11 @@ def targets() -> list[Target]:
                    damping=seq_pool([(1.0,), (0.5, 2.0)], [(0.0,), (-1.0,), (float("inf"),)]),
                    use_grad_norm=bool_pool(),
                    fixed_boosts=seq_pool([(2.0,), (10.0, 5.0)], [(0.0,), (-2.0,)]),
-                   mixes=seq_pool([[MIX], (MIX, dict(MIX, dice=1.0))],
-                                  [[None], [{"dice": 1.0}], [dict(MIX, dice=-1.0)],
-                                   [dict(MIX, dice="a")], [{1: 1.0, "a": 1.0}], MIX]),
+                   # () is valid: a constant mix, no table (mix_plan's picks then fail).
+                   mixes=[(v, OK if v == () else ok) for v, ok in seq_pool(
+                       [[MIX], (MIX, dict(MIX, dice=1.0))],
+                       [[None], [{"dice": 1.0}], [dict(MIX, dice=-1.0)],
+                        [dict(MIX, dice="a")], [{1: 1.0, "a": 1.0}], MIX])],
                    initial_mix=[(MIX, OK), ({}, BAD), (None, BAD), ({"dice": 1.0}, BAD),
                                 (dict(MIX, bce=float("nan")), BAD), ([1.0], BAD)],
                    final_mix=[(MIX, OK), (dict.fromkeys(MIX, 0.0), BAD), ("x", BAD)],

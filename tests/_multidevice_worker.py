@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import adaptive_optax as ao  # noqa: E402
 from adaptive_optax import parallel  # noqa: E402
+from adaptive_optax.segmentation.policies import adaptive_mix_policy  # noqa: E402
 from adaptive_optax.segmentation.data import SegmentationData, synthetic_shapes  # noqa: E402
 from adaptive_optax.segmentation.loop import fit  # noqa: E402
 from adaptive_optax.segmentation.train import (  # noqa: E402
@@ -177,7 +178,7 @@ def main(out_path: str) -> None:
     if jax.device_count() < DEVICES:
         raise SystemExit(f"need {DEVICES} devices, found {jax.device_count()}; set XLA_FLAGS="
                          f"--xla_force_host_platform_device_count={DEVICES}.")
-    policy = ao.adaptive_policy()
+    policy = adaptive_mix_policy()
     train = synthetic_shapes(GLOBAL_BATCH * STEPS_PER_EPOCH, size=32, seed=0)
     val = SegmentationData(*(a[:GLOBAL_BATCH] for a in synthetic_shapes(GLOBAL_BATCH, size=32,
                                                                          seed=1)))

@@ -32,6 +32,7 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from adaptive_optax.segmentation import checkpoint
 from adaptive_optax.segmentation.data import SegmentationData, synthetic_shapes
 from adaptive_optax.segmentation.loop import History, fit
@@ -52,7 +53,7 @@ def init_state(config: dict[str, Any]):
         optax.adam, config["lr"], patience=config["patience"], cooldown=config["cooldown"],
         accumulation_steps=config["accumulation_steps"], rtol=config["rtol"],
         max_interventions=config["max_interventions"], seed=config["seed"],
-        policy=ao.adaptive_policy(), rollback=ao.RollbackGuard() if config["rollback"] else None)
+        policy=adaptive_mix_policy(), rollback=ao.RollbackGuard() if config["rollback"] else None)
     # An "rbg" key: threefry initialisation compiles many small eager kernels,
     # seconds of start-up on a 2-core machine.
     model = UNet(depth=config["depth"], base_width=config["width"], norm="group",
@@ -62,7 +63,7 @@ def init_state(config: dict[str, Any]):
 
 def build(config: dict[str, Any]):
     """Returns ``(graphdef, state, train_step, eval_step, train, val)`` for ``config``."""
-    policy = ao.adaptive_policy()
+    policy = adaptive_mix_policy()
     graphdef, state = init_state(config)
     train = synthetic_shapes(config["num_train"], size=config["size"], seed=config["seed"])
     val = SegmentationData(*synthetic_shapes(config["num_val"], size=config["size"],

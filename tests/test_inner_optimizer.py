@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import scripted_policy
 from adaptive_optax.inner_optimizer import as_schedule, inject_learning_rate, with_learning_rate
 
 
@@ -82,7 +83,7 @@ def test_structured_keywords_are_checked_once_per_parameter_signature(monkeypatc
     monkeypatch.setattr(inner_optimizer, "_fails", lambda *a: calls.append(1) or real(*a))
     tx = ao.plateau_escape(optax.adamw, 0.1, optimizer_kwargs={"mask": {"kernel": True,
                                                                           "bias": False}},
-                           policy=ao.legacy_policy())  # resets: init runs inside update
+                           policy=scripted_policy())  # resets: init runs inside update
     state = tx.init(PARAMS)
     first = len(calls)
     assert first == 2  # without the keyword, then with it

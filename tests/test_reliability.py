@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from adaptive_optax.segmentation import checkpoint
 from adaptive_optax.segmentation.data import SegmentationData, batches
 from adaptive_optax.segmentation.train import opt_state_of
@@ -342,7 +343,7 @@ _configs = st.fixed_dictionaries(dict(
         ao.RollbackGuard, guard_windows=st.integers(1, 2), rtol=st.sampled_from([0.0, 0.05]),
         shrink=st.sampled_from([0.0, 0.5]), stop_after_rollback=st.booleans(),
         reset_optimizer=st.booleans(), rollback_on_nonfinite=st.booleans())),
-    policy=st.builds(ao.adaptive_policy, use_grad_norm=st.booleans(),
+    policy=st.builds(adaptive_mix_policy, use_grad_norm=st.booleans(),
                      damping=st.sampled_from([(1.0, 0.7, 0.5), (0.2,), (1.0, 2.0)]),
                      reset_optimizer=st.sampled_from([(False,), (False, True)])),
     schedule=st.sampled_from(["constant", "linear"]),

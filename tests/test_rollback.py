@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from helpers import compiled_update_entry
 
 BASE = 1e-2
@@ -51,7 +52,7 @@ def test_rollback_restores_parameters_rate_and_mix():
 
 
 def test_after_rollback_next_intervention_is_more_conservative():
-    policy = ao.adaptive_policy()
+    policy = adaptive_mix_policy()
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0, policy=policy, boost_warmup_steps=0,
                            rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1, shrink=0.5))
     h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0])
@@ -65,11 +66,12 @@ def test_after_rollback_next_intervention_is_more_conservative():
 def test_after_the_forced_final_mix_later_interventions_follow_the_plan_again():
     # The documented choice: a rollback forces the final mix once, not for the rest of the run.
     tx = ao.plateau_escape(optax.sgd, BASE, patience=0, max_interventions=6, seed=3,
-                           boost_warmup_steps=0, rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
+                           boost_warmup_steps=0, policy=adaptive_mix_policy(),
+                           rollback=ao.RollbackGuard(guard_windows=1, rtol=0.1))
     h = run(tx, [1.0, 1.0, 1.5, 1.0, 1.0, 1.0, 1.0])
     assert [r["count"] for r in h] == [0, 1, 1, 2, 3, 4, 5]
     plan = np.asarray(ao.state_field(h[0]["state"], "planned_mix_index"))
-    final = ao.adaptive_policy().final_index
+    final = adaptive_mix_policy().final_index
     assert h[3]["mix"] == final  # the intervention right after the rollback
     assert [r["mix"] for r in h[4:]] == plan[2:5].tolist()  # then the plan's entries
     assert final not in plan[2:5]  # (so the check above can tell the two apart)

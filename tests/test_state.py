@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import adaptive_mix_policy
 from adaptive_optax import state as st
 from adaptive_optax.grad_norm import GradNormState
 from adaptive_optax.plateau import PlateauState
@@ -100,12 +101,16 @@ def test_a_state_without_a_guard_stores_finite_placeholders():
     assert isinstance(state.rollback, optax.EmptyState)
 
 
-def test_the_state_adds_twelve_leaves_to_the_inner_optimizer():
-    # 4 public scalars, 4 loss weights, 2 packed vectors, the injected learning
-    # rate and inject_hyperparams' step count; unpacked it was 32.
+def test_the_state_adds_eight_leaves_to_the_inner_optimizer_and_one_per_loss_weight():
+    # 4 public scalars, 2 packed vectors, the injected learning rate and
+    # inject_hyperparams' step count; unpacked it was 28. The default policy
+    # has no loss mixes: its loss_weights is an empty dict, with no leaves.
     adam = optax.adam(1e-3).init(PARAMS)
     state = ao.plateau_escape(optax.adam, 1e-3).init(PARAMS)
-    assert len(jax.tree.leaves(state)) - len(jax.tree.leaves(adam)) == 12
+    assert len(jax.tree.leaves(state)) - len(jax.tree.leaves(adam)) == 8
+    assert state.loss_weights == {}
+    mixed = ao.plateau_escape(optax.adam, 1e-3, policy=adaptive_mix_policy()).init(PARAMS)
+    assert len(jax.tree.leaves(mixed)) - len(jax.tree.leaves(state)) == 4  # dice, focal, ...
     guarded = ao.plateau_escape(optax.adam, 1e-3, rollback=ao.RollbackGuard()).init(PARAMS)
     assert len(jax.tree.leaves(guarded)) - len(jax.tree.leaves(state)) == 2  # the snapshot
 

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import adaptive_optax as ao
+from adaptive_optax.segmentation.policies import BALANCED_MIX, INITIAL_MIX, MIX_TABLE, adaptive_mix_policy
 from helpers import compiled_update_entry
 
 BASE = 1e-3
-SEED = ao.presets.seed_options()  # the seed's boosts, at once and unguarded, for the rule-by-number tests
+SEED = ao.presets.unguarded_options()  # the seed's boosts, at once and unguarded, for the rule-by-number tests
 
 
 def grads_with_norm(norm, size=4):
@@ -60,11 +61,11 @@ def test_norm_004_flat_loss_gives_base_x10_x7_x5_then_none():
 
 
 def test_last_intervention_switches_to_balanced_mix():
-    tx = ao.plateau_escape(optax.adam, BASE, patience=0)
+    tx = ao.plateau_escape(optax.adam, BASE, patience=0, policy=adaptive_mix_policy())
     _, rows = drive(tx, [1.0] * 6)
-    assert rows[0]["weights"] == pytest.approx(ao.DEFAULT_INITIAL_MIX)
-    assert rows[1]["weights"] in [pytest.approx(m) for m in ao.SEED_MIXES]
-    assert rows[3]["weights"] == pytest.approx(ao.BALANCED_MIX)
+    assert rows[0]["weights"] == pytest.approx(INITIAL_MIX)
+    assert rows[1]["weights"] in [pytest.approx(m) for m in MIX_TABLE]
+    assert rows[3]["weights"] == pytest.approx(BALANCED_MIX)
 
 
 def test_boosts_are_relative_to_the_schedule_not_compounded():
@@ -123,7 +124,7 @@ def test_nonfinite_gradients_skip_the_update_and_keep_inner_state_clean():
 
 
 def test_optimizer_reset_reinitialises_inner_state_in_graph():
-    policy = ao.adaptive_policy(reset_optimizer=(False, True))
+    policy = adaptive_mix_policy(reset_optimizer=(False, True))
     tx = ao.plateau_escape(optax.adam, BASE, patience=0, policy=policy, max_interventions=2)
     params = {"w": jnp.ones(4)}
     state = tx.init(params)
@@ -175,7 +176,7 @@ def test_max_interventions_zero_only_monitors():
 def test_same_seed_same_mixes_different_seed_differs():
     def mixes(seed):
         tx = ao.plateau_escape(optax.adam, BASE, patience=0, max_interventions=3, seed=seed,
-                               policy=ao.adaptive_policy(mix_plan=("random",)))
+                               policy=adaptive_mix_policy(mix_plan=("random",)))
         return [tuple(sorted(r["weights"].items())) for r in drive(tx, [1.0] * 4)[1]]
     assert mixes(1) == mixes(1)
     assert any(mixes(s) != mixes(1) for s in range(2, 8))
@@ -243,7 +244,7 @@ def test_fields_readable_and_unique_inside_chain(name):
 
 def test_fields_readable_inside_flax_nnx_optimizer():
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
-    tx = ao.plateau_escape(optax.adam, BASE, patience=0, **SEED)
+    tx = ao.plateau_escape(optax.adam, BASE, patience=0, policy=adaptive_mix_policy(), **SEED)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit
@@ -268,7 +269,7 @@ def test_fields_readable_inside_flax_nnx_optimizer():
 
 def test_whole_run_with_interventions_compiles_once():
     tx = ao.plateau_escape(optax.adam, BASE, patience=0, cooldown=1,
-                           policy=ao.adaptive_policy(reset_optimizer=(False, False, True)),
+                           policy=adaptive_mix_policy(reset_optimizer=(False, False, True)),
                            rollback=ao.RollbackGuard())
     params = {"w": jnp.ones(4)}
 
@@ -287,7 +288,7 @@ def test_whole_run_with_interventions_compiles_once():
 
 def test_update_never_transfers_to_host():
     tx = ao.plateau_escape(optax.adam, BASE, patience=0, rollback=ao.RollbackGuard(),
-                           policy=ao.adaptive_policy(reset_optimizer=(True,)))
+                           policy=adaptive_mix_policy(reset_optimizer=(True,)))
     params = {"w": jnp.ones(4)}
     state = tx.init(params)
     update = jax.jit(tx.update)

@@ -2,7 +2,8 @@
 
 The application that :func:`adaptive_optax.plateau_escape` was first written
 for, as its own package on top of the core: the loss terms and their mixes
-(:mod:`~adaptive_optax.segmentation.losses`), Dice/IoU
+(:mod:`~adaptive_optax.segmentation.losses`), the seed's two intervention
+policies with their loss mixes (:mod:`~adaptive_optax.segmentation.policies`), Dice/IoU
 (:mod:`~adaptive_optax.segmentation.metrics`), a Flax NNX U-Net
 (:mod:`~adaptive_optax.segmentation.unet`), the bundled data sets
 (:mod:`~adaptive_optax.segmentation.data`), the jitted train and eval steps
@@ -34,15 +35,26 @@ Example:
 from adaptive_optax.segmentation.data import SegmentationData, load_dataset
 from adaptive_optax.segmentation.loop import History, fit
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss
+from adaptive_optax.segmentation.policies import (
+    BALANCED_MIX,
+    INITIAL_MIX,
+    MIX_TABLE,
+    adaptive_mix_policy,
+    scripted_policy,
+)
 from adaptive_optax.segmentation.strategies import STRATEGIES, make_optimizer
 from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
 from adaptive_optax.segmentation.unet import UNet
 
 __all__ = [
+    "BALANCED_MIX",
     "History",
+    "INITIAL_MIX",
+    "MIX_TABLE",
     "STRATEGIES",
     "SegmentationData",
     "UNet",
+    "adaptive_mix_policy",
     "fit",
     "init_train_state",
     "load_dataset",
@@ -51,4 +63,5 @@ __all__ = [
     "make_optimizer",
     "make_train_step",
     "mixed_loss",
+    "scripted_policy",
 ]

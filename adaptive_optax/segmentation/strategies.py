@@ -6,13 +6,14 @@ weights, plateau state) and the same train step works for all of them; the
 non-intervening ones use ``max_interventions=0`` and only monitor:
 
 =====================  ========================================================
-``adaptive``           the seed's adaptive policy (grad-norm boosts, random
-                       mixes) as the seed wrote it: boosts at once, no guard
-                       (:func:`adaptive_optax.presets.seed_options`)
+``adaptive``           the seed's adaptive policy (``adaptive_mix_policy()``:
+                       grad-norm boosts, random mixes) as the seed wrote it:
+                       boosts at once, no guard
+                       (:func:`adaptive_optax.presets.unguarded_options`)
 ``adaptive-guard``     ``adaptive`` plus ``RollbackGuard()`` (restores the
                        parameters)
 ``legacy``             the seed's old deterministic 10x / 5x / 3x interventions
-                       (boosts at once, no guard)
+                       (``scripted_policy()``; boosts at once, no guard)
 ``reduce-on-plateau``  ``optax.contrib.reduce_on_plateau`` chained after a
                        never-intervening ``plateau_escape`` (factor 0.1;
                        minimises, so ``mode="min"`` only)
@@ -53,8 +54,9 @@ import optax
 
 from adaptive_optax import presets
 from adaptive_optax._validation import check_float, check_int
-from adaptive_optax.policy import InterventionPolicy, adaptive_policy, legacy_policy
+from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import RollbackGuard
+from adaptive_optax.segmentation.policies import adaptive_mix_policy, scripted_policy
 from adaptive_optax.state import find_state
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
@@ -62,7 +64,7 @@ STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "cons
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended", "prodigy",
               "schedule-free")
 
-# The strategies that reproduce the seed's rules (an immediate boost; see presets.seed_options).
+# The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended")
@@ -89,7 +91,7 @@ _SCHEDULE_FREE = {optax.adam: optax.contrib.schedule_free_adamw,
 
 def policy_for(strategy: str) -> InterventionPolicy:
     """The intervention policy a strategy uses (its mixes define the loss weights)."""
-    return legacy_policy() if strategy == "legacy" else adaptive_policy()
+    return scripted_policy() if strategy == "legacy" else adaptive_mix_policy()
 
 
 def schedule_shape(strategy: str, total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -169,7 +171,7 @@ def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation))
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded
-        merged.update(presets.seed_options())
+        merged.update(presets.unguarded_options())
     if strategy == "adaptive-guard":
         merged["rollback"] = RollbackGuard()
     merged.update({k: v for k, v in options.items() if not (k == "policy" and v is None)})

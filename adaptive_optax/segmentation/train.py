@@ -126,7 +126,8 @@ def make_train_step(
     Args:
         graphdef: The graph definition from :func:`init_train_state`.
         loss_names: Loss components to compute; must equal the keys of the
-            optimizer state's ``loss_weights``.
+            optimizer state's ``loss_weights`` (so the optimizer's policy
+            needs loss mixes, e.g. ``adaptive_mix_policy()``).
         reference_weights: Fixed mix for the monitored reference loss.
         monitor: ``"reference"`` (fixed-weight loss, default) or ``"loss"``
             (the optimised, mix-dependent loss; see the module docstring).
@@ -145,8 +146,9 @@ def make_train_step(
 
     Example:
         >>> from adaptive_optax import plateau_escape
-        >>> graphdef, state = init_train_state(
-        ...     nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), plateau_escape(optax.adam, 1e-3))
+        >>> from adaptive_optax.segmentation.policies import adaptive_mix_policy
+        >>> tx = plateau_escape(optax.adam, 1e-3, policy=adaptive_mix_policy())
+        >>> graphdef, state = init_train_state(nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), tx)
         >>> step = make_train_step(graphdef, reference_weights={
         ...     "dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
     """
@@ -176,6 +178,12 @@ def make_train_step(
             raise ValueError("make_train_step reads the loss mix from the optimizer state: "
                              "build the optimizer with adaptive_optax.plateau_escape (alone or "
                              "inside optax.chain), whose state holds loss_weights.")
+        if not weights:  # a policy without mixes: the core's default
+            raise ValueError("make_train_step reads the loss mix from the optimizer state, whose "
+                             "loss_weights is empty: the intervention policy has no loss mixes. "
+                             "Build plateau_escape with policy=adaptive_optax.segmentation."
+                             "adaptive_mix_policy() (or an InterventionPolicy whose mixes name "
+                             f"the loss_names {sorted(names)}).")
         stats_before = nnx.pure(nnx.state(model, nnx.BatchStat))
 
         def loss_fn(model):

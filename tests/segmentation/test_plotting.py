@@ -483,6 +483,7 @@ def test_plots_of_a_real_tiny_run_match_its_intervention_log():
     from flax import nnx
 
     import adaptive_optax as ao
+    from adaptive_optax.segmentation.policies import adaptive_mix_policy
     from adaptive_optax.segmentation.data import synthetic_shapes
     from adaptive_optax.segmentation.loop import fit
     from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
@@ -491,7 +492,7 @@ def test_plots_of_a_real_tiny_run_match_its_intervention_log():
     train = synthetic_shapes(16, size=16, seed=0)
     val = synthetic_shapes(8, size=16, seed=1)
     model = UNet(depth=1, base_width=4, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-    policy = ao.adaptive_policy()
+    policy = adaptive_mix_policy()
     # rtol=0.5: almost no window improves by half, so plateaus come at once.
     tx = ao.plateau_escape(optax.adam, 1e-3, patience=0, accumulation_steps=2, rtol=0.5,
                            policy=policy, max_interventions=2)

@@ -75,10 +75,10 @@ def _rates_at_interventions(tx, steps=3):
 
 
 def test_custom_policy_is_used():
-    from adaptive_optax.policy import adaptive_policy
+    from adaptive_optax.segmentation.policies import adaptive_mix_policy
 
     kwargs = dict(total_steps=10, patience=0, cooldown=0)
-    custom = strategies.make_optimizer("adaptive", 1e-3, policy=adaptive_policy(damping=(1.0, 0.5)),
+    custom = strategies.make_optimizer("adaptive", 1e-3, policy=adaptive_mix_policy(damping=(1.0, 0.5)),
                                        **kwargs)
     default = strategies.make_optimizer("adaptive", 1e-3, **kwargs)
     # Interventions at steps 1 and 2: boosts 10 x 1, then 10 x 0.5 (the default damps by 0.7).
