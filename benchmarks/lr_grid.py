@@ -109,10 +109,12 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import presets  # noqa: E402
+from adaptive_optax.rollback import RollbackGuard  # noqa: E402
 from adaptive_optax.segmentation import data as data_lib  # noqa: E402
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss  # noqa: E402
 from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # noqa: E402
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
+    RECOMMENDED,
     STRATEGIES,
     eval_params,
     make_optimizer,
@@ -196,8 +198,10 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
     names = policy.loss_names
     options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
                    patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
-    if strategy == "recommended":  # the preset is under test: its own settings win
+    if strategy in RECOMMENDED:  # the preset is under test: its own settings win
         options.update(presets.recommended_options(cfg.window))
+    if strategy == "recommended-restore":  # ... with the guard that restores the parameters
+        options["rollback"] = RollbackGuard()
 
     def tx_of(rate, seed=0):
         # The seed only draws the mix plan at init; it lives in the state after.

@@ -26,6 +26,10 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        of the adaptive policy) over the ``cosine`` schedule
 ``recommended``        ``plateau_escape`` with the options of
                        :func:`adaptive_optax.presets.recommended_options`
+``recommended-``       ``recommended`` with ``rollback=RollbackGuard()``: the
+``restore``            guard also restores the parameters (one parameter
+                       copy in the state), not only the rate and mix; the
+                       candidate fix of issue 15, not a default
 ``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
                        rate free; ``learning_rate`` is its multiplier)
 ``schedule-free``      no interventions, ``optax.contrib.schedule_free_adamw``
@@ -61,13 +65,16 @@ from adaptive_optax.state import find_state
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
-              "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended", "prodigy",
-              "schedule-free")
+              "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
+              "recommended-restore", "prodigy", "schedule-free")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
-INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended")
+INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
+               "recommended-restore")
+# The strategies built on presets.recommended_options (recommended-restore swaps its guard).
+RECOMMENDED = ("recommended", "recommended-restore")
 
 # plateau_escape options that make_optimizer sets unless the caller (or, for
 # "recommended", the preset) does.
@@ -167,9 +174,11 @@ def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTr
 def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULT_OPTIONS`, then the preset of ``recommended``, then the caller's."""
     merged = dict(DEFAULT_OPTIONS)
-    if strategy == "recommended":
+    if strategy in RECOMMENDED:
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation))
+    if strategy == "recommended-restore":  # the preset's guard, restoring the parameters too
+        merged["rollback"] = RollbackGuard()
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded
         merged.update(presets.unguarded_options())
     if strategy == "adaptive-guard":
@@ -234,8 +243,8 @@ def make_optimizer(
             ``optimizer_kwargs``. Unset options take :data:`DEFAULT_OPTIONS`
             (patience 2, accumulation_steps 1, cooldown 1, rtol 1e-4,
             max_interventions 3, seed 0); for
-            ``recommended`` the preset's options come between the defaults
-            and yours. ``policy=None`` is the strategy's policy
+            ``recommended`` and ``recommended-restore`` the preset's options
+            come between the defaults and yours. ``policy=None`` is the strategy's policy
             (:func:`policy_for`). The non-intervening strategies always get
             ``max_interventions=0``.
 

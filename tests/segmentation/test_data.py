@@ -1,5 +1,5 @@
-"""Tests for adaptive_optax.segmentation.data: synthetic shapes, the nuclei and grey-matter
-crops, batching."""
+"""Tests for adaptive_optax.segmentation.data: synthetic shapes, the nuclei, grey-matter
+and 3D-nuclei crops, batching."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from adaptive_optax.segmentation.data import (
     grey_matter_dataset,
     grey_matter_volume,
     load_dataset,
+    nuclei_3d_dataset,
+    nuclei_3d_volume,
     nuclei_dataset,
     nuclei_image,
     num_batches,
@@ -448,6 +450,183 @@ def test_missing_nibabel_says_how_to_install(monkeypatch):
         data_lib._load_grey_matter.cache_clear()
 
 
+# --- 3D nuclei (the confirmation set of issue 15) ---------------------------
+
+
+@needs_stardist
+def test_nuclei_3d_volume_loads():
+    image, instances = nuclei_3d_volume()
+    assert image.shape == (31, 61, 57) and image.dtype == np.float32
+    assert instances.shape == (31, 61, 57) and instances.dtype == np.int32
+    assert image.min() == 0.0 and image.max() == 1.0
+    ids = np.unique(instances[instances > 0])
+    # 51 nuclei, ids not consecutive (they run up to 162); 38 % of the voxels.
+    assert ids.size == 51
+    assert ids.max() == 162
+    assert 0.38 < (instances > 0).mean() < 0.39
+    # Nuclei are brighter than the background.
+    assert image[instances > 0].mean() > image[instances == 0].mean() + 0.1
+    # The recipe, from the raw file: percentile normalisation over the volume.
+    import tifffile
+
+    root = data_lib._package_dir("stardist", "nuclei_3d")
+    raw = tifffile.imread(f"{root}/data/images/img3d.tif").astype(np.float32)
+    low, high = np.percentile(raw, [1.0, 99.8])
+    np.testing.assert_allclose(image, np.clip((raw - low) / (high - low), 0, 1), atol=1e-6)
+    # Returned arrays are copies: mutating them does not poison the cache.
+    image[:] = -1.0
+    instances[:] = 0
+    assert nuclei_3d_volume()[0].min() == 0.0
+    assert nuclei_3d_volume()[1].any()
+
+
+@needs_stardist
+def test_nuclei_3d_dataset_default_recipe():
+    train, val = nuclei_3d_dataset(num_train=64, seed=0)
+    assert_well_formed(train, 64, 32, 32)
+    assert_well_formed(val, 32, 32, 32)
+    # Non-trivial masks over each set and in (nearly) every crop.
+    for part in (train, val):
+        assert 0.2 < part.masks.mean() < 0.5
+        assert (part.instances.max(axis=(1, 2)) >= 1).mean() > 0.9
+    # Validation crops: the last 8 of 31 slices (z 23..30), each covered by
+    # 2x2 overlapping tiles of 32 (rows 0 and 29, columns 0 and 25).
+    image, instances = nuclei_3d_volume()
+    tiles = [(z, slice(y, y + 32), slice(x, x + 32))
+             for z in range(23, 31) for y in (0, 29) for x in (0, 25)]
+    np.testing.assert_array_equal(val.images[..., 0], np.stack([image[t] for t in tiles]))
+    np.testing.assert_array_equal(val.masks[..., 0] > 0,
+                                  np.stack([instances[t] > 0 for t in tiles]))
+    # Relabelling keeps each crop's partition of the pixels.
+    first = instances[tiles[0]]
+    for new_id in np.unique(val.instances[0])[1:]:
+        assert np.unique(first[val.instances[0] == new_id]).size == 1
+
+
+@needs_stardist
+def test_nuclei_3d_dataset_deterministic_by_seed():
+    a, val_a = nuclei_3d_dataset(num_train=8, seed=1)
+    b, val_b = nuclei_3d_dataset(num_train=8, seed=1)
+    c, val_c = nuclei_3d_dataset(num_train=8, seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.images, c.images)
+    # The validation set does not depend on the seed.
+    for x, y in zip(val_a, val_c):
+        np.testing.assert_array_equal(x, y)
+
+
+@needs_stardist
+def test_load_nuclei_3d():
+    train, val = load_dataset("nuclei_3d", num_train=8, size=32)
+    assert_well_formed(train, 8, 32, 32)
+    assert_well_formed(val, 32, 32, 32)
+    # At 16: 4x4 tiles per slice (rows 0, 15, 30, 45; columns 0, 14, 27, 41).
+    _, val = load_dataset("nuclei_3d", num_train=8, size=16)
+    assert_well_formed(val, 8 * 4 * 4, 16, 32)
+    with pytest.raises(ValueError, match="num_val does not apply to 'nuclei_3d'"):
+        load_dataset("nuclei_3d", size=32, num_val=4)
+
+
+@pytest.fixture
+def z_coded_volume(monkeypatch):
+    """Replaces the 3D nuclei volume by one whose value is the slice index."""
+    depth, height, width = 40, 50, 44
+    slices = np.arange(depth, dtype=np.float32)[:, None, None]
+    image = np.broadcast_to(slices / (depth - 1), (depth, height, width))
+    # 4x4-pixel square instances on a checkerboard, ids unique per slice: many per crop.
+    zz, yy, xx = np.mgrid[0:depth, 0:height, 0:width]
+    block = (zz * (height // 4 + 1) + yy // 4) * (width // 4 + 1) + xx // 4 + 1
+    labels = np.where(((yy // 4) + (xx // 4)) % 2 == 0, block, 0).astype(np.int32)
+    monkeypatch.setattr(data_lib, "_load_nuclei_3d", lambda: (image, labels))
+    return image, labels
+
+
+def test_nuclei_3d_train_and_val_slices_disjoint_with_a_gap(z_coded_volume):
+    image, _ = z_coded_volume
+    depth = image.shape[0]
+    train, val = nuclei_3d_dataset(crop_size=16, num_train=400, seed=0, max_instances=1000)
+    train_slices = np.unique(np.rint(train.images * (depth - 1)))
+    val_slices = np.unique(np.rint(val.images * (depth - 1)))
+    # 10 of 40 slices held out (z 30..39), a gap of 4 (z 26..29), training z 0..25.
+    np.testing.assert_array_equal(val_slices, np.arange(30, 40))
+    assert train_slices.max() == 25 and train_slices.min() == 0
+    assert val_slices.min() - train_slices.max() == data_lib._NUCLEI_3D_GAP + 1
+    # 50x44 slices are covered by 4x3 tiles of 16.
+    assert val.images.shape[0] == 10 * 4 * 3
+    assert_well_formed(train, 400, 16, 1000)
+    assert_well_formed(val, 120, 16, 1000)
+
+
+def test_nuclei_3d_crops_relabel_and_cap(z_coded_volume):
+    train, val = nuclei_3d_dataset(crop_size=16, num_train=16, seed=0, max_instances=5)
+    for part in (train, val):
+        assert_consecutive(part.instances, 5)
+        assert part.instances.max() == 5
+        # Capped instances lose their id but stay foreground in the mask.
+        assert ((part.masks[..., 0] > 0) >= (part.instances > 0)).all()
+        assert (part.masks[..., 0] > 0).sum() > (part.instances > 0).sum()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": 0.01}, r"val_fraction=0.01 leaves 36 training and 0 validation "
+                                 r"slices of 40 \(with a gap of 4\)"),
+        ({"val_fraction": 0.95}, r"leaves 0 training and 38 validation"),
+        ({"crop_size": 4}, "crop_size"),
+        ({"crop_size": 45}, r"crop_size=45 does not fit in a 50x44 slice"),
+        ({"num_train": 0}, "num_train"),
+    ],
+)
+def test_nuclei_3d_dataset_rejects_bad_args(z_coded_volume, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        nuclei_3d_dataset(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"val_fraction": "a"}, TypeError, r"val_fraction must be a real number in \(0, 1\)"),
+        ({"augment": "no"}, TypeError, r"augment must be True or False, got augment = 'no'"),
+    ],
+)
+def test_nuclei_3d_dataset_names_badly_typed_args(z_coded_volume, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        nuclei_3d_dataset(**kwargs)
+
+
+def test_load_dataset_names_size_for_nuclei_3d(z_coded_volume):
+    # load_dataset's default size (64) does not fit a slice: the error says so.
+    message = r"^size = 64 is not a valid crop size for 'nuclei_3d'"
+    with pytest.raises(ValueError, match=message):
+        load_dataset("nuclei_3d")
+
+
+def test_missing_stardist_says_how_to_install_for_nuclei_3d(monkeypatch):
+    monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
+    data_lib._load_nuclei_3d.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"stardist.*pip install 'adaptive-optax\[demo\]'"):
+            nuclei_3d_volume()
+    finally:
+        monkeypatch.undo()
+        data_lib._load_nuclei_3d.cache_clear()
+
+
+def test_missing_tifffile_says_how_to_install_for_nuclei_3d(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    data_lib._load_nuclei_3d.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"tifffile.*pip install 'adaptive-optax\[demo\]'"):
+            nuclei_3d_dataset(num_train=1)
+    finally:
+        monkeypatch.undo()
+        data_lib._load_nuclei_3d.cache_clear()
+
+
 # --- batching ---------------------------------------------------------------
 
 
@@ -534,5 +713,5 @@ def test_load_nuclei():
 
 
 def test_load_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"\['grey_matter', 'nuclei', 'shapes'\]"):
+    with pytest.raises(ValueError, match=r"\['grey_matter', 'nuclei', 'nuclei_3d', 'shapes'\]"):
         load_dataset("mnist")

@@ -20,7 +20,7 @@ def test_every_strategy_builds_and_exposes_the_state_fields(name):
         _, state = tx.update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0))
     assert optax.tree.get(state, "loss_weights") is not None
     count = int(optax.tree.get(state, "intervention_count"))
-    if name == "recommended":  # its preset may warm up or guard the boosts: at least one
+    if name in strategies.RECOMMENDED:  # its preset may warm up or guard the boosts: >= 1
         assert count >= 1
     else:
         assert count == (2 if name in strategies.INTERVENING else 0)
@@ -319,6 +319,39 @@ def test_learning_rate_is_checked_when_concrete_and_shaped_when_traced():
     with pytest.raises(ValueError, match="learning_rate"):
         jax.jit(lambda lr: strategies.make_optimizer("cosine", lr, total_steps=10).init(
             {"w": jnp.ones(2)}))(jnp.ones(2))
+
+
+def test_recommended_restore_is_recommended_with_a_guard_that_restores_the_params(monkeypatch):
+    from adaptive_optax.rollback import NoSnapshot, RollbackGuard
+
+    params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+    snapshots = {}
+    for name in strategies.RECOMMENDED:
+        state = strategies.make_optimizer(name, 1e-3, total_steps=10,
+                                          accumulation_steps=2).init(params)
+        snapshots[name] = find_state(state).rollback_snapshot
+    # recommended-restore keeps a copy of the parameters; recommended keeps none.
+    snapshot = snapshots["recommended-restore"]
+    assert jax.tree.structure(snapshot) == jax.tree.structure(params)
+    assert [a.shape for a in jax.tree.leaves(snapshot)] == [(2,), (3,)]
+    assert isinstance(snapshots["recommended"], NoSnapshot)
+    assert not jax.tree.leaves(snapshots["recommended"])
+
+    # Otherwise the same options: the preset's, with the default guard in place of its own.
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen[kwargs["rollback"].restore_params] = kwargs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    for name in strategies.RECOMMENDED:
+        strategies.make_optimizer(name, 1e-3, total_steps=10, accumulation_steps=4)
+    assert seen[True]["rollback"] == RollbackGuard()
+    assert seen[False]["rollback"] == RollbackGuard(restore_params=False)
+    assert {k: v for k, v in seen[True].items() if k != "rollback"} == {
+        k: v for k, v in seen[False].items() if k != "rollback"}
 
 
 def test_max_interventions_is_checked_for_every_strategy():
