@@ -9,7 +9,9 @@ This package is the optimizer core and imports jax, optax and numpy only:
 the detector (:mod:`~adaptive_optax.plateau`), the policy
 (:mod:`~adaptive_optax.policy`), the boost (:mod:`~adaptive_optax.boost`), the
 gradient-norm EMA (:mod:`~adaptive_optax.grad_norm`), the rollback guard
-(:mod:`~adaptive_optax.rollback`), the state (:mod:`~adaptive_optax.state`),
+(:mod:`~adaptive_optax.rollback`), the lookahead that tries candidate
+interventions before committing one (:mod:`~adaptive_optax.lookahead`), the
+state (:mod:`~adaptive_optax.state`),
 the update (:mod:`~adaptive_optax.transform`), the presets
 (:mod:`~adaptive_optax.presets`) and the multi-device helpers
 (:mod:`adaptive_optax.parallel`, imported on its own). The segmentation
@@ -21,6 +23,7 @@ names are no longer exported here, and asking for one says where it went.
 from adaptive_optax import presets
 from adaptive_optax.boost import boost_multiplier
 from adaptive_optax.grad_norm import GradNormState, global_norm
+from adaptive_optax.lookahead import NO_LOOKAHEAD, Candidate, Lookahead, LookaheadState
 from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
 from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import NO_GUARD, NoGuard, RollbackGuard, RollbackState
@@ -30,10 +33,14 @@ from adaptive_optax.transform import plateau_escape
 __version__ = "0.1.0"
 
 __all__ = [
+    "Candidate",
     "GradNormState",
     "InterventionPolicy",
     "InterventionState",
+    "Lookahead",
+    "LookaheadState",
     "NO_GUARD",
+    "NO_LOOKAHEAD",
     "NoGuard",
     "PlateauDetector",
     "PlateauEscapeState",

@@ -36,7 +36,9 @@ the real step then proceeds with the chosen boost and mix.
   host). At a plateau: ``K * steps`` forward and backward passes and ``K``
   forward passes, vectorised with ``jax.vmap`` (``memory="vmap"``: ``K``
   parameter and optimizer-state copies at once) or one candidate at a time
-  with ``jax.lax.map`` (``memory="map"``). Candidates that are the same for
+  with ``jax.lax.map`` (``memory="map"``). The default ``"auto"`` maps on CPU,
+  where a vmapped convolution with per-candidate kernels becomes a grouped
+  convolution (several times slower on XLA:CPU), and vmaps elsewhere. Candidates that are the same for
   the policy (the mix specs of a policy with a single mix) are tried once.
 * **Data parallel**: with ``batch_axis_name``, the trial's gradients and values
   are ``jax.lax.pmean``-averaged over that axis (like
@@ -72,7 +74,7 @@ __all__ = ["DEFAULT_CANDIDATES", "NO_BOOST", "NO_LOOKAHEAD", "POLICY_CHOICE", "C
            "Lookahead", "LookaheadState", "NoLookahead"]
 
 _MIX_WORDS = ("policy", "current", "next")
-_MEMORY = ("vmap", "map")
+_MEMORY = ("auto", "vmap", "map")
 MAX_TRIAL_STEPS = 10_000
 MAX_CANDIDATES = 64
 MAX_BOOST_SCALE = 1e3
@@ -156,7 +158,9 @@ class Lookahead:
             :data:`DEFAULT_CANDIDATES`.
         memory: ``"vmap"`` runs the ``K`` trials vectorised (``K`` parameter
             copies at once); ``"map"`` runs them one after another with
-            ``jax.lax.map`` (one copy at a time).
+            ``jax.lax.map`` (one copy at a time); ``"auto"`` (default):
+            ``"map"`` on CPU, ``"vmap"`` elsewhere (the backend the update is
+            traced for).
         batch_axis_name: ``None``, or the axis name over which the trials'
             gradients and values are ``jax.lax.pmean``-averaged (data
             parallelism under ``shard_map``/``pmap``): every device takes the
@@ -178,7 +182,7 @@ class Lookahead:
 
     steps: int = 4
     candidates: Sequence[Candidate] = DEFAULT_CANDIDATES
-    memory: str = "vmap"
+    memory: str = "auto"
     batch_axis_name: Hashable | None = None
     rtol: float = 0.0
     atol: float = 0.0
@@ -354,7 +358,10 @@ class BoundLookahead:
             final = mean(jnp.asarray(value_fn(p, weights)[1], jnp.float32))
             return jnp.concatenate([curve, final[None]])
 
-        if self.config.memory == "vmap":
+        memory = self.config.memory
+        if memory == "auto":
+            memory = "map" if jax.default_backend() == "cpu" else "vmap"
+        if memory == "vmap":
             return jax.vmap(run)((boosts, mixes))
         return jax.lax.map(run, (boosts, mixes))
 

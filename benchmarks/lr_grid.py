@@ -223,10 +223,15 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
             components = loss_components(logits, masks, instances, names=names)
             return mixed_loss(components, weights), components
 
+        def value_fn(params, loss_weights):  # the lookahead strategy's trials, on this batch
+            logits = nnx.merge(graphdef, params, rest)(images)
+            components = loss_components(logits, masks, instances, names=names)
+            return mixed_loss(components, loss_weights), mixed_loss(components, reference)
+
         (_, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(run.params)
         monitor = mixed_loss(components, reference)
         updates, opt_state = tx_of(run.rate).update(grads, run.opt_state, run.params,
-                                                     value=monitor)
+                                                     value=monitor, value_fn=value_fn)
         readings = state_readings(opt_state)
         row = dict(monitor=monitor, learning_rate=readings["learning_rate"],
                    interventions=readings["intervention_count"],

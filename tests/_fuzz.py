@@ -118,11 +118,18 @@ _PARAMS = {"w": jnp.ones(2)}
 _GRADS = {"w": jnp.full(2, 0.05)}
 
 
+def _value_fn(params, loss_weights):
+    """A trial objective for a lookahead (the ``lookahead`` strategy); others ignore it."""
+    del loss_weights
+    loss = sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params))
+    return loss, loss
+
+
 def use_tx(tx) -> None:
     """Initialises ``tx`` and makes two updates (the second can intervene)."""
     state = tx.init(_PARAMS)
     for _ in range(2):
-        updates, state = tx.update(_GRADS, state, _PARAMS, value=1.0)
+        updates, state = tx.update(_GRADS, state, _PARAMS, value=1.0, value_fn=_value_fn)
     jax.block_until_ready(updates)
     if not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)):
         raise FloatingPointError("non-finite updates from a finite gradient")

@@ -35,7 +35,10 @@ class History:
             multiplier the event set on the base schedule (an intervention's
             boost, the target of its warm-up ramp; for a rollback, the
             restored multiplier; before a ``max_learning_rate`` cap), and the
-            mix before and after).
+            mix before and after; with a lookahead, an intervention's
+            ``trial_values``, each candidate's monitored value after its
+            trial, and ``trial_choice``, the committed candidate: -2 when
+            every trial was non-finite).
     """
 
     steps: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -189,4 +192,13 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
                 mix_after=mix_label(int(row["mix_index"])),
                 weights_before=_weights_of(before),
                 weights_after=_weights_of(row),
+                **_trial_of(row, kind),
             ))
+
+
+def _trial_of(row: dict, kind: str) -> dict:
+    """An intervention's lookahead trial (each candidate's value, the winner); {} without one."""
+    if kind != "intervention" or "trial_values" not in row:
+        return {}
+    return dict(trial_values=[float(v) for v in np.ravel(row["trial_values"])],
+                trial_choice=int(row["trial_choice"]))

@@ -30,6 +30,12 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
 ``restore``            guard also restores the parameters (one parameter
                        copy in the state), not only the rate and mix; the
                        candidate fix of issue 15, not a default
+``lookahead``          ``recommended`` with ``lookahead=Lookahead()``: at each
+                       intervention the candidates (the policy's boost and
+                       mix, no boost, x0.5, x2, the next planned mix) are
+                       tried for a few steps in-graph and the best committed
+                       (:mod:`adaptive_optax.lookahead`); its ``update``
+                       needs ``value_fn`` (``make_train_step`` passes it)
 ``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
                        rate free; ``learning_rate`` is its multiplier)
 ``schedule-free``      no interventions, ``optax.contrib.schedule_free_adamw``
@@ -58,6 +64,7 @@ import optax
 
 from adaptive_optax import presets
 from adaptive_optax._validation import check_float, check_int
+from adaptive_optax.lookahead import Lookahead
 from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import RollbackGuard
 from adaptive_optax.segmentation.policies import adaptive_mix_policy, scripted_policy
@@ -66,15 +73,17 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
-              "recommended-restore", "prodigy", "schedule-free")
+              "recommended-restore", "lookahead", "prodigy", "schedule-free")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
-               "recommended-restore")
+               "recommended-restore", "lookahead")
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
+# The lookahead strategy's trials: the defaults of Lookahead (docs/design.md, item 23).
+DEFAULT_LOOKAHEAD = Lookahead()
 
 # plateau_escape options that make_optimizer sets unless the caller (or, for
 # "recommended", the preset) does.
@@ -174,9 +183,11 @@ def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTr
 def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULT_OPTIONS`, then the preset of ``recommended``, then the caller's."""
     merged = dict(DEFAULT_OPTIONS)
-    if strategy in RECOMMENDED:
+    if strategy in RECOMMENDED or strategy == "lookahead":
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation))
+    if strategy == "lookahead":
+        merged["lookahead"] = DEFAULT_LOOKAHEAD
     if strategy == "recommended-restore":  # the preset's guard, restoring the parameters too
         merged["rollback"] = RollbackGuard()
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded

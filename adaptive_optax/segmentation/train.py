@@ -48,7 +48,7 @@ from adaptive_optax.state import find_state
 STATE_FIELDS = ("learning_rate", "base_learning_rate", "lr_multiplier", "boost_to",
                 "intervention_count", "grad_norm_ema", "plateau_count", "best_value",
                 "window_value", "windows_completed", "mix_index", "nonfinite_count",
-                "nonfinite_grad_count", "rollback_count")
+                "nonfinite_grad_count", "rollback_count", "trial_values", "trial_choice")
 
 
 class StepMetrics(NamedTuple):
@@ -63,8 +63,9 @@ class StepMetrics(NamedTuple):
 def state_readings(opt_state: optax.OptState) -> dict[str, jax.Array]:
     """The scalars of :data:`STATE_FIELDS` and ``weight/<name>`` per loss weight.
 
-    Fields absent from the state (``rollback_count`` without a guard) are left
-    out. A chained ``optax.contrib.reduce_on_plateau`` scales the updates after
+    Fields absent from the state (``rollback_count`` without a guard,
+    ``trial_values`` -- float32 ``[K]``, one per candidate -- and
+    ``trial_choice`` without a lookahead) are left out. A chained ``optax.contrib.reduce_on_plateau`` scales the updates after
     ``plateau_escape``, so its ``scale`` is folded into ``learning_rate``.
     """
     # Fields are read inside the plateau-escape state: a chained optax
@@ -120,8 +121,18 @@ def make_train_step(
     reference_weights: Mapping[str, float] | None = None,
     monitor: str = "reference",
     donate: bool = True,
+    lookahead: bool | None = None,
 ):
-    """Builds the jitted ``train_step(state, batch) -> (state, StepMetrics)``.
+    """Builds the jitted ``train_step(state, batch, probe=None) -> (state, StepMetrics)``.
+
+    With a lookahead in the optimizer (``plateau_escape(...,
+    lookahead=Lookahead())``), the step also passes the update a
+    ``value_fn(params, loss_weights) -> (loss, monitored)``: the model at
+    ``params`` on ``probe`` (default: ``batch``), its mixed loss with
+    ``loss_weights`` and this step's monitored value (the reference loss, or
+    the loss with ``monitor="loss"``). The candidates' trials are scored on
+    it; a probe held out of training scores generalisation rather than the
+    fit to the batch being trained on.
 
     Args:
         graphdef: The graph definition from :func:`init_train_state`.
@@ -132,6 +143,9 @@ def make_train_step(
         monitor: ``"reference"`` (fixed-weight loss, default) or ``"loss"``
             (the optimised, mix-dependent loss; see the module docstring).
         donate: Donate the state buffers to the step (saves a copy).
+        lookahead: Pass ``value_fn`` to the update: ``None`` (default) when the
+            optimizer state holds a lookahead record, ``True`` always (an
+            error if the state holds none), ``False`` never.
 
     Returns:
         The jitted train step. It compiles once per batch shape.
@@ -142,7 +156,8 @@ def make_train_step(
             while ``monitor="reference"``, has other keys than
             ``loss_names`` or a weight that is not a finite number ``>= 0``
             (a nan weight would make every monitored value nan and silently
-            switch plateau detection off).
+            switch plateau detection off). When the step is traced: if
+            ``lookahead=True`` and the optimizer has no lookahead.
 
     Example:
         >>> from adaptive_optax import plateau_escape
@@ -169,8 +184,28 @@ def make_train_step(
         reference = {k: check_float(f"reference_weights[{k!r}]", v, low=0.0)
                      for k, v in reference_weights.items()}
 
+    if lookahead is not None and not isinstance(lookahead, bool):
+        raise TypeError(f"lookahead must be None, True or False, got lookahead = {lookahead!r}.")
+
+    def objective(model, data: SegmentationData, weights):
+        """``(loss, (monitored, components))`` of ``model`` on ``data`` with ``weights``."""
+        components = loss_components(model(data.images), data.masks, data.instances, names=names)
+        loss = mixed_loss(components, weights)
+        return loss, (loss if monitor == "loss" else mixed_loss(components, reference), components)
+
+    def probe_value_fn(model, probe: SegmentationData):
+        """``value_fn(params, loss_weights)`` of the lookahead: ``model`` at ``params`` on ``probe``."""
+        model_def, _, rest = nnx.split(model, nnx.Param, ...)
+
+        def value_fn(params, loss_weights):
+            loss, (monitored, _) = objective(nnx.merge(model_def, params, rest), probe,
+                                             loss_weights)
+            return loss, monitored
+
+        return value_fn
+
     @functools.partial(jax.jit, donate_argnums=(0,) if donate else ())
-    def train_step(state, batch: SegmentationData):
+    def train_step(state, batch: SegmentationData, probe: SegmentationData | None = None):
         model, optimizer = nnx.merge(graphdef, state)
         model.train()
         weights = optax.tree.get(nnx.pure(optimizer.opt_state), "loss_weights")
@@ -184,22 +219,29 @@ def make_train_step(
                              "Build plateau_escape with policy=adaptive_optax.segmentation."
                              "adaptive_mix_policy() (or an InterventionPolicy whose mixes name "
                              f"the loss_names {sorted(names)}).")
+        trials = _has_lookahead(nnx.pure(optimizer.opt_state))
+        if lookahead and not trials:
+            raise ValueError("make_train_step(lookahead=True) needs an optimizer with a "
+                             "lookahead: plateau_escape(..., lookahead=Lookahead()).")
+        extra = {}
+        if trials and lookahead is not False:  # before the update changes the model
+            extra["value_fn"] = probe_value_fn(model, batch if probe is None else probe)
         stats_before = nnx.pure(nnx.state(model, nnx.BatchStat))
-
-        def loss_fn(model):
-            logits = model(batch.images)
-            components = loss_components(logits, batch.masks, batch.instances, names=names)
-            return mixed_loss(components, weights), components
-
-        (loss, components), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        value = loss if monitor == "loss" else mixed_loss(components, reference)
-        optimizer.update(model, grads, value=value)
+        (loss, (value, components)), grads = nnx.value_and_grad(
+            lambda m: objective(m, batch, weights), has_aux=True)(model)
+        optimizer.update(model, grads, value=value, **extra)
         if jax.tree.leaves(stats_before):
             _keep_finite_batch_stats(model, stats_before, grads)
         readings = state_readings(nnx.pure(optimizer.opt_state))
         return nnx.state((model, optimizer)), StepMetrics(loss, value, components, readings)
 
     return train_step
+
+
+def _has_lookahead(opt_state) -> bool:
+    """Whether the plateau-escape state inside ``opt_state`` holds a lookahead record."""
+    found = optax.tree.get(opt_state, "PlateauEscapeState")
+    return found is not None and not isinstance(found.lookahead, optax.EmptyState)
 
 
 def _keep_finite_batch_stats(model: nnx.Module, before, grads) -> None:

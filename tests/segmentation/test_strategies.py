@@ -11,16 +11,24 @@ from adaptive_optax.segmentation import strategies
 from adaptive_optax.state import find_state
 
 
+def value_fn(params, loss_weights):
+    """The lookahead strategy's trial objective (ignored by the others' optimizers)."""
+    del loss_weights
+    loss = jnp.sum(params["w"] ** 2)
+    return loss, loss
+
+
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
 def test_every_strategy_builds_and_exposes_the_state_fields(name):
     tx = strategies.make_optimizer(name, 1e-3, total_steps=20, patience=0, cooldown=0)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     for _ in range(3):
-        _, state = tx.update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0))
+        _, state = tx.update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0),
+                             value_fn=value_fn)
     assert optax.tree.get(state, "loss_weights") is not None
     count = int(optax.tree.get(state, "intervention_count"))
-    if name in strategies.RECOMMENDED:  # its preset may warm up or guard the boosts: >= 1
+    if name in (*strategies.RECOMMENDED, "lookahead"):  # the preset may warm up or guard: >= 1
         assert count >= 1
     else:
         assert count == (2 if name in strategies.INTERVENING else 0)
@@ -281,7 +289,7 @@ def _two_updates(name, learning_rate, optimizer=optax.adam, **kwargs):
     out = []
     for i in range(2):
         updates, state = tx.update({"w": jnp.array([0.01, -0.02, 0.03]) * (i + 1)}, state,
-                                   params, value=jnp.float32(1.0))
+                                   params, value=jnp.float32(1.0), value_fn=value_fn)
         params = optax.apply_updates(params, updates)
         out.append((updates["w"], optax.tree.get(state, "learning_rate")))
     return out
@@ -408,3 +416,22 @@ def test_inner_keywords_given_twice_or_unknown_are_refused():
                                   momentum=0.9, optimizer_kwargs={"momentum": 0.5})
     with pytest.raises(TypeError, match=r"optimizer_kwargs\['bogus'\]: not an argument of 'sgd'"):
         strategies.make_optimizer("constant", 0.1, total_steps=10, optimizer=optax.sgd, bogus=1)
+
+
+def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen[kwargs.get("lookahead") is not None] = kwargs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    for name in ("recommended", "lookahead"):
+        strategies.make_optimizer(name, 1e-3, total_steps=10, accumulation_steps=4)
+    assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
+    assert {k: v for k, v in seen[True].items() if k != "lookahead"} == seen[False]
+    tx = strategies.make_optimizer("lookahead", 1e-3, total_steps=10)
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="value_fn"):
+        tx.update(params, tx.init(params), params, value=1.0)
