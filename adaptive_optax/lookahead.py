@@ -18,7 +18,9 @@ the real step then proceeds with the chosen boost and mix.
 * **The trial** follows what committing would do: the rate at trial step ``t``
   is the one the run would take ``t`` steps after the intervention (base
   schedule, the boost's warm-up ramp, ``max_learning_rate``), injected with
-  ``with_learning_rate``; gradients come from ``value_fn``. A candidate whose
+  ``with_learning_rate``; gradients come from ``value_fn``. It starts from the
+  current inner state even when the policy resets the optimizer at this
+  intervention (the reset is not simulated). A candidate whose
   value after the trial is NaN/Inf is disqualified; if all are, the step falls
   back to no boost. Trials diverging to NaN never reach the parameters or the
   optimizer state; only the record holds their values.
