@@ -53,6 +53,7 @@ from adaptive_optax.segmentation.data import load_dataset, num_batches  # noqa: 
 from adaptive_optax.segmentation.loop import fit  # noqa: E402
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
     STRATEGIES,
+    eval_params_for,
     make_optimizer,
     policy_for,
 )
@@ -123,7 +124,7 @@ def run_one(strategy: str, seed: int, train, val, cfg: argparse.Namespace) -> di
     model = UNet(1, 1, depth=cfg.depth, base_width=cfg.width, rngs=nnx.Rngs(seed))
     graphdef, state = init_train_state(model, tx)
     train_step = make_train_step(graphdef, reference_weights=policy.initial_mix)
-    eval_step = make_eval_step(graphdef)
+    eval_step = make_eval_step(graphdef, eval_params_for(strategy))  # schedule-free: its average
     started = time.perf_counter()
     state, history = fit(train_step, eval_step, state, train, val, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, seed=seed, steps_per_epoch=per_epoch,

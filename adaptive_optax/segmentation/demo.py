@@ -29,7 +29,12 @@ from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX, check_float
 from adaptive_optax.segmentation import checkpoint
 from adaptive_optax.segmentation.data import DATASET_NAMES, load_dataset, num_batches
 from adaptive_optax.segmentation.loop import History, fit
-from adaptive_optax.segmentation.strategies import STRATEGIES, make_optimizer, policy_for
+from adaptive_optax.segmentation.strategies import (
+    STRATEGIES,
+    eval_params_for,
+    make_optimizer,
+    policy_for,
+)
 from adaptive_optax.segmentation.train import init_train_state, make_eval_step, make_train_step
 from adaptive_optax.segmentation.unet import UNet
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND
@@ -195,7 +200,7 @@ def build(args: argparse.Namespace, strategy: str | None = None, data=None):
     return dict(train=train_data, val=val_data, policy=policy, graphdef=graphdef, state=state,
                 steps_per_epoch=steps_per_epoch,
                 train_step=make_train_step(graphdef, reference_weights=policy.initial_mix),
-                eval_step=make_eval_step(graphdef))
+                eval_step=make_eval_step(graphdef, eval_params_for(strategy)))
 
 
 def format_intervention(event: dict) -> str:

@@ -51,6 +51,7 @@ Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -306,6 +307,21 @@ def make_optimizer(
             rtol=options["rtol"], atol=options.get("atol", 0.0),
             accumulation_size=options["accumulation_steps"]))
     return tx
+
+
+def eval_params_for(strategy: str) -> Callable[[optax.OptState, Any], Any] | None:
+    """``make_eval_step``'s ``eval_params`` for ``strategy``: ``None`` unless the
+    strategy evaluates other parameters than it trains (``schedule-free``).
+
+    Example:
+        >>> eval_params_for("constant") is None, eval_params_for("schedule-free") is None
+        (True, False)
+    """
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
+    if strategy != "schedule-free":
+        return None
+    return functools.partial(eval_params, strategy)
 
 
 def eval_params(strategy: str, opt_state: optax.OptState, params):

@@ -22,8 +22,8 @@ happens only while tracing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -261,18 +261,41 @@ def _keep_finite_batch_stats(model: nnx.Module, before, grads) -> None:
     nnx.update(model, jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, eval_params: Callable[[Any, Any], Any] | None = None):
     """Builds the jitted ``eval_step(state, batch, example_weights=None) -> [C, 3]``.
 
     The result is :func:`~adaptive_optax.segmentation.metrics.confusion_counts` of the
     model in eval mode. Sum the counts over a data set (:func:`evaluate` does)
     and pass them to :func:`adaptive_optax.segmentation.metrics.dice_iou` for per-class
     Dice and IoU.
+
+    Args:
+        graphdef: The graph definition from :func:`init_train_state`.
+        eval_params: Optional ``eval_params(opt_state, params) -> params``: the
+            parameters to evaluate, from the pure optimizer state and the
+            model's parameters. Schedule-free optimizers train at one point and
+            evaluate at another:
+            ``functools.partial(strategies.eval_params, "schedule-free")``.
+            ``None`` evaluates the parameters as they are.
+
+    Returns:
+        The jitted eval step.
+
+    Example:
+        >>> import functools
+        >>> from adaptive_optax.segmentation import strategies
+        >>> tx = strategies.make_optimizer("schedule-free", 1e-3, total_steps=10)
+        >>> graphdef, state = init_train_state(nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), tx)
+        >>> step = make_eval_step(graphdef, functools.partial(strategies.eval_params,
+        ...                                                   "schedule-free"))
     """
 
     @jax.jit
     def eval_step(state, batch: SegmentationData, example_weights=None) -> jax.Array:
-        model, _ = nnx.merge(graphdef, state)
+        model, optimizer = nnx.merge(graphdef, state)
+        if eval_params is not None:  # e.g. schedule-free: evaluate its average, not y
+            params = nnx.pure(nnx.state(model, nnx.Param))
+            nnx.update(model, eval_params(nnx.pure(optimizer.opt_state), params))
         model.eval()
         return confusion_counts(model(batch.images), batch.masks, example_weights)
 

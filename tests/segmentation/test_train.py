@@ -152,3 +152,32 @@ def test_evaluate_rejects_bad_arguments():
     empty = data.SegmentationData(*(a[:0] for a in va))
     with pytest.raises(ValueError, match="at least one example"):
         train.evaluate(run["eval_step"], run["state"], empty, 8)
+
+
+def test_the_eval_step_evaluates_schedule_free_at_its_average():
+    tx = strategies.make_optimizer("schedule-free", 3e-2, total_steps=12, accumulation_steps=4)
+    graphdef, state = train.init_train_state(nnx.Conv(1, 1, (3, 3), rngs=nnx.Rngs(0)), tx)
+    step = train.make_train_step(graphdef, reference_weights={
+        "dice": 0.4, "focal": 0.3, "variance": 0.1, "bce": 0.2})
+    batch = data.synthetic_shapes(4, size=16, seed=0)
+    for _ in range(6):
+        state, _ = step(state, batch)
+    raw = train.make_eval_step(graphdef)(state, batch)
+    averaged = train.make_eval_step(graphdef, strategies.eval_params_for("schedule-free"))(
+        state, batch)
+    # The same counts as a model holding schedule-free's evaluation parameters.
+    model, optimizer = nnx.merge(graphdef, state)
+    params = nnx.pure(nnx.state(model, nnx.Param))
+    nnx.update(model, strategies.eval_params("schedule-free", nnx.pure(optimizer.opt_state),
+                                             params))
+    model.eval()
+    expected = confusion_counts(model(batch.images), batch.masks)
+    chex.assert_trees_all_close(averaged, expected, rtol=1e-6)
+    assert not np.allclose(np.asarray(raw), np.asarray(averaged))  # y is not the average
+
+
+def test_eval_params_for_names_only_schedule_free():
+    assert all(strategies.eval_params_for(s) is None
+               for s in strategies.STRATEGIES if s != "schedule-free")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        strategies.eval_params_for("sgd")
