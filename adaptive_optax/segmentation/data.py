@@ -424,20 +424,26 @@ def _bundled_files(package: str, dataset: str, subdir: str, names: tuple[str, ..
 @functools.lru_cache(maxsize=1)
 def _load_nuclei() -> tuple[np.ndarray, np.ndarray]:
     """Reads and normalises the bundled nuclei image once per process."""
+    return _read_stardist_pair("nuclei", ("img2d.tif", "mask2d.tif"), ndim=2,
+                               what="image", label="nuclei")
+
+
+def _read_stardist_pair(name: str, files: tuple[str, str], *, ndim: int, what: str,
+                        label: str) -> tuple[np.ndarray, np.ndarray]:
+    """An image and its instance labels from stardist's bundled files, the image
+    percentile-normalised to [0, 1] and both frozen (the callers cache them)."""
     try:
         import tifffile
     except ImportError as err:
         raise ImportError(
-            f"the 'nuclei' data set needs tifffile to read its image; {_INSTALL_HINT}"
+            f"the {name!r} data set needs tifffile to read its {what}; {_INSTALL_HINT}"
         ) from err
-    paths = _bundled_files(
-        "stardist", "nuclei", os.path.join("data", "images"), ("img2d.tif", "mask2d.tif")
-    )
+    paths = _bundled_files("stardist", name, os.path.join("data", "images"), files)
     raw = tifffile.imread(paths[0]).astype(np.float32)
     labels = tifffile.imread(paths[1]).astype(np.int32)
-    if raw.ndim != 2 or raw.shape != labels.shape:
+    if raw.ndim != ndim or raw.shape != labels.shape:
         raise RuntimeError(
-            f"unexpected nuclei data: image {raw.shape}, mask {labels.shape}"
+            f"unexpected {label} data: image {raw.shape}, mask {labels.shape}"
         )
     low, high = np.percentile(raw, [_NUCLEI_LOW_PERCENTILE, _NUCLEI_HIGH_PERCENTILE])
     image = np.clip((raw - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
@@ -798,29 +804,10 @@ def grey_matter_dataset(
 
 @functools.lru_cache(maxsize=1)
 def _load_nuclei_3d() -> tuple[np.ndarray, np.ndarray]:
-    """Reads and normalises the bundled 3D nuclei volume once per process."""
-    try:
-        import tifffile
-    except ImportError as err:
-        raise ImportError(
-            f"the 'nuclei_3d' data set needs tifffile to read its volume; {_INSTALL_HINT}"
-        ) from err
-    paths = _bundled_files(
-        "stardist", "nuclei_3d", os.path.join("data", "images"), ("img3d.tif", "mask3d.tif")
-    )
-    raw = tifffile.imread(paths[0]).astype(np.float32)
-    labels = tifffile.imread(paths[1]).astype(np.int32)
-    if raw.ndim != 3 or raw.shape != labels.shape:
-        raise RuntimeError(
-            f"unexpected 3D nuclei data: image {raw.shape}, mask {labels.shape}"
-        )
-    # The same percentile normalisation as the 2D nuclei image, over the volume.
-    low, high = np.percentile(raw, [_NUCLEI_LOW_PERCENTILE, _NUCLEI_HIGH_PERCENTILE])
-    image = np.clip((raw - low) / max(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
-    # Cached arrays are shared; freeze them so no caller can corrupt the cache.
-    image.setflags(write=False)
-    labels.setflags(write=False)
-    return image, labels
+    """Reads and normalises the bundled 3D nuclei volume once per process (the same
+    percentile normalisation as the 2D nuclei image, over the volume)."""
+    return _read_stardist_pair("nuclei_3d", ("img3d.tif", "mask3d.tif"), ndim=3,
+                               what="volume", label="3D nuclei")
 
 
 def nuclei_3d_volume() -> tuple[np.ndarray, np.ndarray]:
