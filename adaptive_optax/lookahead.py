@@ -133,6 +133,26 @@ class Candidate:
             raise ValueError(f"mix must be one of {_MIX_WORDS} or a row index (an int >= 0) of "
                              f"the policy's all_mixes, got mix = {self.mix!r}.")
 
+    @property
+    def label(self) -> str:
+        """A short name for logs and tables.
+
+        ``"policy"`` (the policy's choice), ``"no boost"``, ``"x<scale>"`` for
+        another boost with the policy's mix, with the mix appended when it is
+        not the policy's (``"x1 next"``, ``"x0.5 mix 2"``; ``"no boost"``
+        already means the current mix).
+
+        Example:
+            >>> [c.label for c in DEFAULT_CANDIDATES]
+            ['policy', 'no boost', 'x0.5', 'x2', 'x1 next']
+        """
+        if self.boost_scale == 1.0 and self.mix == "policy":
+            return "policy"
+        name = "no boost" if self.boost_scale == 0.0 else f"x{self.boost_scale:g}"
+        if self.mix == "policy" or (self.boost_scale == 0.0 and self.mix == "current"):
+            return name
+        return f"{name} {self.mix}" if isinstance(self.mix, str) else f"{name} mix {self.mix}"
+
     def boost(self, policy_boost: jax.Array) -> jax.Array:
         """This candidate's boost for the policy's ``policy_boost`` (exact at scale 0 and 1)."""
         if self.boost_scale == 0.0:

@@ -109,12 +109,14 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import presets  # noqa: E402
+from adaptive_optax.lookahead import Lookahead  # noqa: E402
 from adaptive_optax.rollback import RollbackGuard  # noqa: E402
 from adaptive_optax.segmentation import data as data_lib  # noqa: E402
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss  # noqa: E402
 from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # noqa: E402
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
     RECOMMENDED,
+    DEFAULT_LOOKAHEAD,
     STRATEGIES,
     eval_params,
     make_optimizer,
@@ -133,10 +135,36 @@ SGD_MOMENTUM = 0.9
 DICE_TOLERANCE = 0.01  # the "width" counts rates within this of the best Dice
 CONVERGED = 0.01  # constant Adam's last windows must improve by less than this, per window
 CONVERGENCE_WINDOWS = 10  # ... on the trend over this many windows
-HISTORY = ("monitor", "learning_rate", "interventions", "rollbacks")
+HISTORY = ("monitor", "learning_rate", "interventions", "rollbacks", "trial_choice")
+LOOKAHEAD_ROW = "lookahead-t"  # lookahead-t<N>: the lookahead strategy with trials of N steps
 
 
 # --------------------------------------------------------------------------- what is run
+
+def trial_rows(cfg: argparse.Namespace) -> dict[str, int]:
+    """``{row name: trial steps}`` of the lookahead rows (``--trial-steps``).
+
+    The default trial length keeps the plain name ``lookahead`` (its runs are
+    the same as without the flag); another length ``N`` is row
+    ``lookahead-tN``. ``"window"`` is one plateau window (``--window``).
+    """
+    default = DEFAULT_LOOKAHEAD.steps
+    steps = [cfg.window if t == "window" else int(t) for t in cfg.trial_steps or [default]]
+    return {("lookahead" if n == default else f"{LOOKAHEAD_ROW}{n}"): n for n in steps}
+
+
+def base_strategy(row: str) -> str:
+    """The strategy of :data:`STRATEGIES` a grid row trains (``lookahead-t1`` -> ``lookahead``)."""
+    return "lookahead" if row.startswith(LOOKAHEAD_ROW) else row
+
+
+def expand_rows(cfg: argparse.Namespace) -> list[str]:
+    """``--strategies`` with ``lookahead`` replaced by its ``--trial-steps`` rows."""
+    rows: list[str] = []
+    for strategy in cfg.strategies:
+        rows.extend(trial_rows(cfg) if strategy == "lookahead" else [strategy])
+    return rows
+
 
 def rate_grid(strategy: str, optimizer: str, cfg: argparse.Namespace) -> tuple[float, ...]:
     """The rates (for ``prodigy``: multipliers) a strategy is trained at."""
@@ -190,8 +218,9 @@ class GridFunctions(NamedTuple):
     evaluate: Callable  # (Run, val data) -> confusion counts [C, 3]
 
 
-def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFunctions:
-    """The init, train step and evaluation of one strategy, each traced once for all runs."""
+def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctions:
+    """The init, train step and evaluation of one grid row, each traced once for all runs."""
+    strategy = base_strategy(row)
     factory, keywords = inner_optimizer(strategy, optimizer)
     policy = policy_for(strategy)
     reference = dict(policy.initial_mix)
@@ -202,6 +231,10 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
         options.update(presets.recommended_options(cfg.window))
     if strategy == "recommended-restore":  # ... with the guard that restores the parameters
         options["rollback"] = RollbackGuard()
+    if strategy == "lookahead":  # the row's trial length, the default's other settings
+        options["lookahead"] = Lookahead(steps=trial_rows(cfg)[row],
+                                         **{k: getattr(DEFAULT_LOOKAHEAD, k)
+                                            for k in ("candidates", "memory", "rtol", "atol")})
 
     def tx_of(rate, seed=0):
         # The seed only draws the mix plan at init; it lives in the state after.
@@ -235,7 +268,8 @@ def grid_functions(strategy: str, optimizer: str, graphdef, rest, cfg) -> GridFu
         readings = state_readings(opt_state)
         row = dict(monitor=monitor, learning_rate=readings["learning_rate"],
                    interventions=readings["intervention_count"],
-                   rollbacks=readings.get("rollback_count", 0))
+                   rollbacks=readings.get("rollback_count", 0),
+                   trial_choice=readings.get("trial_choice", -1))
         history = {k: run.history[k].at[run.step].set(jnp.asarray(row[k], jnp.float32))
                    for k in HISTORY}
         return Run(run.rate, optax.apply_updates(run.params, updates), opt_state,
@@ -281,12 +315,13 @@ def drive_runs(step: Callable, runs: list[list[Run]], train, orders, steps: int,
                       [steps - 1] * threads))
 
 
-def train_grid(strategy: str, optimizer: str, train, val, cfg) -> dict[str, Any]:
-    """Trains one strategy at every rate and seed; returns finals and histories (host)."""
+def train_grid(row: str, optimizer: str, train, val, cfg) -> dict[str, Any]:
+    """Trains one grid row at every rate and seed; returns finals and histories (host)."""
+    strategy = base_strategy(row)
     rates = rate_grid(strategy, optimizer, cfg)
     seeds = list(range(cfg.seeds))
     graphdef, _, rest = model_params(0, cfg)
-    fns = grid_functions(strategy, optimizer, graphdef, rest, cfg)
+    fns = grid_functions(row, optimizer, graphdef, rest, cfg)
     train = data_lib.SegmentationData(*map(jnp.asarray, train))
     val = data_lib.SegmentationData(*map(jnp.asarray, val))
     orders = [jnp.asarray(batch_order(train.images.shape[0], cfg.batch_size, cfg.steps, s))
@@ -307,7 +342,7 @@ def train_grid(strategy: str, optimizer: str, train, val, cfg) -> dict[str, Any]
     counts, history = jax.device_get((counts, history))  # the one transfer of the grid
     seconds = time.perf_counter() - started
     dice = np.array([[float(dice_iou(c)[0].mean()) for c in row] for row in counts])
-    return dict(strategy=strategy, optimizer=optimizer, rates=list(rates), seeds=seeds,
+    return dict(strategy=row, optimizer=optimizer, rates=list(rates), seeds=seeds,
                 final_dice=dice.T.tolist(),  # [rate][seed]
                 history={k: np.transpose(v, (1, 0, 2)) for k, v in history.items()},
                 seconds=seconds)
@@ -336,6 +371,40 @@ def run_summaries(result: dict, window: int) -> dict[str, np.ndarray]:
         out["rollbacks"][r, s] = run["rollbacks"][-1]
         out["jump"][r, s] = np.nan if jump is None else jump
     return out
+
+
+def choice_counts(result: dict) -> list[int] | None:
+    """How often each candidate was committed over all runs of a lookahead row, or None.
+
+    Read at the steps whose update intervened (the trial runs in that
+    update); the last entry counts the trials where every candidate was
+    non-finite (the step then takes no boost).
+    """
+    if base_strategy(result["strategy"]) != "lookahead":
+        return None
+    k = len(DEFAULT_LOOKAHEAD.candidates)
+    counts = [0] * (k + 1)
+    choice, count = result["history"]["trial_choice"], result["history"]["interventions"]
+    for r, s in np.ndindex(*choice.shape[:2]):
+        for i in intervention_steps("lookahead", {"interventions": count[r, s]}):
+            c = int(choice[r, s, i])
+            counts[k if c == -2 else c] += 1
+    return counts
+
+
+def print_choices(title: str, results: dict[str, dict]) -> None:
+    """Per lookahead row: how often each candidate won its trial."""
+    labels = [c.label for c in DEFAULT_LOOKAHEAD.candidates] + ["all non-finite"]
+    rows = []
+    for r in results.values():
+        counts = choice_counts(r)
+        if counts is not None:
+            total = sum(counts)
+            rows.append([r["strategy"], total]
+                        + [f"{c / total:.2f}" if total else "-" for c in counts])
+    if rows:
+        C.print_table(f"{title}: lookahead, share of interventions won by each candidate",
+                      ["row", "trials"] + labels, rows)
 
 
 def tolerance_width(rates: Sequence[float], dice: np.ndarray) -> float:
@@ -516,6 +585,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{','.join(DEFAULT_DATA)})")
     parser.add_argument("--optimizers", type=_names, default=None,
                         help="comma-separated subset of adam,sgd (default both)")
+    parser.add_argument("--trial-steps", type=_names, default=None,
+                        help="trial lengths of the lookahead strategy, comma-separated ints or "
+                             "'window' (one plateau window): one row per length, lookahead-tN "
+                             f"(the default {DEFAULT_LOOKAHEAD.steps} keeps the name lookahead)")
     parser.add_argument("--patience", type=int, default=None, help="default 2 (quick 0)")
     parser.add_argument("--cooldown", type=int, default=1)
     parser.add_argument("--rtol", type=float, default=1e-3)
@@ -575,6 +648,14 @@ def _check(parser: argparse.ArgumentParser, cfg: argparse.Namespace) -> None:
                              ("--threads", cfg.threads, 1)):
         if value < low:
             parser.error(f"{flag} must be >= {low}, got {value}")
+    for t in cfg.trial_steps or []:
+        if t != "window" and not (t.isdigit() and 1 <= int(t) <= 10_000):
+            parser.error(f"--trial-steps must be ints in [1, 10000] or 'window', got {t!r}")
+    if cfg.trial_steps and "lookahead" not in cfg.strategies:
+        parser.error("--trial-steps needs the lookahead strategy in --strategies")
+    if len(set(trial_rows(cfg))) != len(cfg.trial_steps or [0]):
+        parser.error(f"--trial-steps must be distinct lengths, got {cfg.trial_steps} "
+                     f"(window = {cfg.window})")
     if cfg.num_train < cfg.batch_size:
         parser.error(f"--num-train must be >= --batch-size {cfg.batch_size}, got {cfg.num_train}")
     if not 0 <= cfg.rtol < 1:
@@ -620,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         shared: dict[str, dict] = {}  # prodigy is Adam-type: trained once per data set
         for optimizer in cfg.optimizers:
             results = {}
-            for strategy in cfg.strategies:
+            for strategy in expand_rows(cfg):
                 if strategy == "prodigy" and "prodigy" in shared:
                     results[strategy] = shared["prodigy"]
                     continue
@@ -631,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{' '.join(f'{d:.3f}' for d in best)} ({r['seconds']:.1f} s)", flush=True)
             title = f"{data_name}, {optimizer}"
             print_tables(title, results, cfg)
+            print_choices(title, results)
             if "prodigy" in results and optimizer != "adam":
                 print("(prodigy is Adam-type: the same runs as in the adam table)")
             if "constant" in results:
@@ -641,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                 s: {k: v for k, v in r.items() if k != "history"}
                 | {"summary": dict(zip(SUMMARY_HEADERS, summary_row(
                     r, cfg.window, results.get("constant")))),
+                   "trial_choice_counts": choice_counts(r),
                    "runs": {k: np.where(np.isfinite(v), v, None).tolist()  # [rate][seed]
                             for k, v in run_summaries(r, cfg.window).items()},
                    "monitor_window_means": [[window_means(m, cfg.window).tolist() for m in row]

@@ -280,7 +280,8 @@ Same data, same initial weights, same detector settings; four answers to a plate
 * **constant**: no intervention.
 
 Then a 1-D slice of the loss landscape through the parameters just before and some steps
-after the adaptive run's first intervention.
+after the adaptive run's first intervention, and the adaptive run again with a **lookahead**:
+at each plateau it tries candidate interventions for a few steps and commits the best.
 
 Edit the parameters in the next cell and rerun the notebook (one to two minutes on a laptop
 CPU; most of it is compiling one train step per strategy).
@@ -315,6 +316,12 @@ SEED = 0
 # Loss-landscape slice
 SLICE_STEPS = 16  # parameters this many steps before and after the first intervention
 SLICE_ALPHAS = (-0.5, 1.5, 41)  # linspace over the line; 0 and 1 are the two parameter sets
+
+# Lookahead (adaptive_optax.Lookahead): trial length in steps, candidates (boost_scale, mix)
+LOOKAHEAD_STEPS = 4
+# The defaults: the policy's choice, no boost, half and twice its boost, its boost with the next
+# planned mix. The first is the incumbent.
+CANDIDATES = ((1.0, "policy"), (0.0, "current"), (0.5, "policy"), (2.0, "policy"), (1.0, "next"))
 """),
         ("code", r"""
 import collections
@@ -538,6 +545,68 @@ for name, losses in slices.items():
     i0, i1 = np.argmin(np.abs(alphas)), np.argmin(np.abs(alphas - 1))
     print(f"{name:8s} loss {losses[i0]:.4f} -> {losses[i1]:.4f} "
           f"(lowest {losses.min():.4f} at alpha {alphas[losses.argmin()]:.2f})")
+"""),
+        ("md", r"""
+## Try before committing: the lookahead
+
+The gradient-norm bins are a prior. With `lookahead=ao.Lookahead(...)`, each intervention
+first runs every candidate (a boost relative to the policy's and a mix) for `LOOKAHEAD_STEPS`
+steps of Adam from the current parameters, inside the same jitted update, and commits the one
+whose monitored loss is lowest at the end of its trial. The trials' parameters are thrown away.
+`make_train_step` passes the update the `value_fn` that scores them (here on the batch being
+trained on). The same adaptive run as above, with a lookahead:
+"""),
+        ("code", r"""
+lookahead = ao.Lookahead(steps=LOOKAHEAD_STEPS, candidates=CANDIDATES)
+tx = make_optimizer("adaptive", LEARNING_RATE, total_steps=TOTAL_STEPS, policy=adaptive,
+                    lookahead=lookahead, **shared)
+graphdef, state = init_train_state(nnx.merge(model_graphdef, jax.tree.map(jnp.copy,
+                                                                          initial_params)), tx)
+start = time.perf_counter()
+_, histories["adaptive + lookahead"] = fit(
+    make_train_step(graphdef, reference_weights=adaptive.initial_mix), make_eval_step(graphdef),
+    state, train, val, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED,
+    mix_label=adaptive.mix_label)
+seconds["adaptive + lookahead"] = time.perf_counter() - start
+trials = [e for e in histories["adaptive + lookahead"].interventions if e["kind"] == "intervention"]
+labels = [c.label for c in lookahead.candidates]
+display(Markdown("\n".join([
+    "| intervention | step | " + " | ".join(labels) + " | committed | lr after |",
+    "|---" * (len(labels) + 4) + "|",
+    *(f"| {e['number']} | {e['step']} | "
+      + " | ".join(f"{v:.4f}" for v in e["trial_values"])
+      + f" | {labels[e['trial_choice']] if e['trial_choice'] >= 0 else 'none (all non-finite)'}"
+      f" | {e['lr_after']:.2e} |" for e in trials),
+])))
+for name in ("adaptive", "adaptive + lookahead"):
+    print(f"{name:22s} final Dice {histories[name].evals['dice'][-1]:.3f}, "
+          f"{seconds[name]:.1f} s")
+"""),
+        ("md", r"""
+The monitored (reference) loss of every candidate over its trial at the first intervention;
+step 0 is the loss at the parameters the trials start from, the last step is the score. The
+committed candidate is drawn thick.
+"""),
+        ("code", r"""
+assert trials, "the lookahead run had no intervention"
+first = trials[0]
+curves = np.asarray(first["trial_curves"])  # [candidates, LOOKAHEAD_STEPS + 1]
+fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+for i, (label, curve) in enumerate(zip(labels, curves)):
+    won = i == first["trial_choice"]
+    ax.plot(np.arange(len(curve)), curve, "o-", lw=3 if won else 1, markersize=6 if won else 3,
+            label=label + (" (committed)" if won else ""), zorder=3 if won else 2)
+ax.set(xlabel="trial step", ylabel="reference loss on the batch", xticks=range(curves.shape[1]),
+       title=f"Lookahead trials at intervention 1 (step {first['step']})")
+ax.legend()
+plt.show()
+"""),
+        ("md", r"""
+What to look for: candidates that differ only in their boost start at the same value and
+fan out; a boost that pays off later may still lose a short trial (short-horizon bias, Wu et
+al. 2018), which is why `benchmarks/lr_grid.py --trial-steps` compares trial lengths
+(`docs/benchmarks.md`). A trial scored on the batch being trained on rewards fitting that
+batch; pass `probe=` to the train step to score on held-out data instead.
 """),
     ])
 

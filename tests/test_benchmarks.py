@@ -10,7 +10,9 @@ no CUDA plugin for the deviceless GPU compile).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -184,6 +186,37 @@ def test_lr_grid_quick(tmp_path):
         assert all(0.0 <= d <= 1.0 for f in finals for d in f), (strategy, finals)
     # schedule-free's own grid: the optimizer's times 3.
     assert results["schedule-free"]["rates"] == pytest.approx([3e-3, 3e-2])
+
+
+def test_lr_grid_trial_steps_gives_a_row_per_length_and_counts_the_winners(tmp_path):
+    path = tmp_path / "trials.json"
+    out = run_script("lr_grid.py", "--quick", "--strategies", "lookahead", "--trial-steps",
+                     "1,window", "--window", "8", "--steps", "120", "--rates-adam", "3e-2",
+                     "--out", str(path), timeout=120)
+    assert "lookahead, share of interventions won by each candidate" in out
+    results = json.loads(path.read_text())["results"]["shapes"]["adam"]
+    assert set(results) == {"lookahead-t1", "lookahead-t8"}  # "window" is --window's 8
+    for row, r in results.items():
+        counts = r["trial_choice_counts"]  # the 5 default candidates, then "all non-finite"
+        assert len(counts) == 6, row
+        interventions = sum(n for per_rate in r["runs"]["interventions"] for n in per_rate)
+        assert interventions > 0 and sum(counts) == interventions, (row, counts)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategies", "constant", "--trial-steps", "4"], "needs the lookahead strategy"),
+    (["--strategies", "lookahead", "--trial-steps", "0"], "ints in [1, 10000] or 'window'"),
+    (["--strategies", "lookahead", "--trial-steps", "4,window"], "distinct lengths"),
+])
+def test_lr_grid_refuses_bad_trial_steps(argv, message, monkeypatch):
+    sys.path.insert(0, BENCHMARKS)
+    # lr_grid sets XLA_FLAGS for its own run on import: keep it out of later subprocesses.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    import lr_grid
+
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as err:
+        lr_grid.parse_args(["--quick", *argv])  # --quick's window is 4
+    assert exit_info.value.code == 2 and message in err.getvalue()
 
 
 def _grid_result(tuned, mean, jump, final):

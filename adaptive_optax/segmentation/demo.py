@@ -26,6 +26,7 @@ import jax
 from flax import nnx
 
 from adaptive_optax._validation import FLOAT32_MAX, INT32_MAX, check_float
+from adaptive_optax.lookahead import DEFAULT_CANDIDATES, Candidate
 from adaptive_optax.segmentation import checkpoint
 from adaptive_optax.segmentation.data import DATASET_NAMES, load_dataset, num_batches
 from adaptive_optax.segmentation.loop import History, fit
@@ -203,13 +204,35 @@ def build(args: argparse.Namespace, strategy: str | None = None, data=None):
                 eval_step=make_eval_step(graphdef, eval_params_for(strategy)))
 
 
-def format_intervention(event: dict) -> str:
-    """One log line per intervention or rollback."""
+def format_intervention(event: dict, candidates: Sequence[Candidate] = DEFAULT_CANDIDATES) -> str:
+    """One log line per intervention or rollback.
+
+    An intervention chosen by a lookahead trial ends with each candidate's
+    monitored value after its trial, the committed one starred
+    (``| trial: policy 0.412, no boost 0.398*, ...``).
+
+    Args:
+        event: A record of :attr:`History.interventions`.
+        candidates: The lookahead's candidates, to name the trial's values
+            (the demo's ``lookahead`` strategy uses the default ones).
+
+    Returns:
+        The line, without a newline.
+    """
     weights = ", ".join(f"{k} {v:g}" for k, v in event["weights_after"].items() if v)
-    return (f"[{event['kind']} {event['number']}] epoch {event['epoch']} | plateau window "
+    line = (f"[{event['kind']} {event['number']}] epoch {event['epoch']} | plateau window "
             f"{event['window']} | grad-norm EMA {event['grad_norm_ema']:.4g} | lr "
             f"{event['lr_before']:.3g} -> {event['lr_after']:.3g} (base x{event['boost']:.3g}) | mix "
             f"{event['mix_before']} -> {event['mix_after']} ({weights})")
+    if "trial_values" not in event:
+        return line
+    labels = [c.label for c in candidates]
+    if len(labels) != len(event["trial_values"]):  # candidates the caller did not name
+        labels = [f"#{i}" for i in range(len(event["trial_values"]))]
+    choice = event["trial_choice"]
+    tried = ", ".join(f"{name} {value:.4g}{'*' if i == choice else ''}"
+                      for i, (name, value) in enumerate(zip(labels, event["trial_values"])))
+    return line + f" | trial: {tried}" + (" (all non-finite: no boost)" if choice < 0 else "")
 
 
 def _count(history: History, kind: str) -> int:

@@ -37,8 +37,11 @@ class History:
             restored multiplier; before a ``max_learning_rate`` cap), and the
             mix before and after; with a lookahead, an intervention's
             ``trial_values``, each candidate's monitored value after its
-            trial, and ``trial_choice``, the committed candidate: -2 when
-            every trial was non-finite).
+            trial, ``trial_curves``, each candidate's value at trial steps
+            0..steps, and ``trial_choice``, the committed candidate: -2 when
+            every trial was non-finite). The curves are kept only here, not
+            per step in ``steps``: ``K * (steps + 1)`` values a step would
+            make ``history.json`` grow with the trial length.
     """
 
     steps: dict[str, list] = dataclasses.field(default_factory=dict)
@@ -141,7 +144,7 @@ def fit(
         first_step = len(history.steps.get("loss", []))
         previous = _last_row(history)
         host = jax.device_get(rows)
-        history._extend({k: [r[k] for r in host] for k in host[0]})
+        history._extend({k: [r[k] for r in host] for k in host[0] if k not in _EVENT_ONLY})
         _log_interventions(history, host, previous, first_step, epoch, mix_label)
         dice, iou = dice_iou(evaluate(eval_step, state, val_data, batch_size))
         history._add_eval(epoch=epoch, step=first_step + len(host), dice=float(dice.mean()),
@@ -150,6 +153,10 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(epoch, state, history)
     return state, history
+
+
+# Readings recorded in the intervention log only (see History.interventions).
+_EVENT_ONLY = ("trial_curves",)
 
 
 def _last_row(history: History) -> dict | None:
@@ -197,8 +204,9 @@ def _log_interventions(history, rows, previous, first_step, epoch, mix_label) ->
 
 
 def _trial_of(row: dict, kind: str) -> dict:
-    """An intervention's lookahead trial (each candidate's value, the winner); {} without one."""
+    """An intervention's lookahead trial (values, curves, the winner); {} without one."""
     if kind != "intervention" or "trial_values" not in row:
         return {}
     return dict(trial_values=[float(v) for v in np.ravel(row["trial_values"])],
+                trial_curves=np.asarray(row["trial_curves"], np.float64).tolist(),
                 trial_choice=int(row["trial_choice"]))

@@ -48,7 +48,8 @@ from adaptive_optax.state import find_state
 STATE_FIELDS = ("learning_rate", "base_learning_rate", "lr_multiplier", "boost_to",
                 "intervention_count", "grad_norm_ema", "plateau_count", "best_value",
                 "window_value", "windows_completed", "mix_index", "nonfinite_count",
-                "nonfinite_grad_count", "rollback_count", "trial_values", "trial_choice")
+                "nonfinite_grad_count", "rollback_count", "trial_values", "trial_curves",
+                "trial_choice")
 
 
 class StepMetrics(NamedTuple):
@@ -64,8 +65,9 @@ def state_readings(opt_state: optax.OptState) -> dict[str, jax.Array]:
     """The scalars of :data:`STATE_FIELDS` and ``weight/<name>`` per loss weight.
 
     Fields absent from the state (``rollback_count`` without a guard,
-    ``trial_values`` -- float32 ``[K]``, one per candidate -- and
-    ``trial_choice`` without a lookahead) are left out. A chained ``optax.contrib.reduce_on_plateau`` scales the updates after
+    ``trial_values`` -- float32 ``[K]``, one per candidate --,
+    ``trial_curves`` -- float32 ``[K, steps + 1]`` -- and ``trial_choice``
+    without a lookahead) are left out. A chained ``optax.contrib.reduce_on_plateau`` scales the updates after
     ``plateau_escape``, so its ``scale`` is folded into ``learning_rate``.
     """
     # Fields are read inside the plateau-escape state: a chained optax

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from adaptive_optax.lookahead import Candidate
 from adaptive_optax.segmentation import demo
 from adaptive_optax.segmentation.loop import History
 from adaptive_optax.segmentation.strategies import STRATEGIES
@@ -263,3 +264,28 @@ def test_batch_size_must_split_over_devices(capsys):
         demo.main(["--batch-size", "3", "--devices", "2"])
     assert exit_info.value.code == 2
     assert "--batch-size" in capsys.readouterr().err
+
+
+def _event(**extra):
+    return dict(kind="intervention", number=1, epoch=3, window=5, grad_norm_ema=0.01,
+                lr_before=1e-3, lr_after=2e-3, boost=2.0, mix_before=0, mix_after=2,
+                weights_after={"dice": 0.5, "focal": 0.5, "variance": 0.0}, **extra)
+
+
+def test_an_intervention_line_names_each_candidates_trial_value_and_stars_the_winner():
+    plain = demo.format_intervention(_event())
+    assert plain == ("[intervention 1] epoch 3 | plateau window 5 | grad-norm EMA 0.01 | lr "
+                     "0.001 -> 0.002 (base x2) | mix 0 -> 2 (dice 0.5, focal 0.5)")
+    values = [0.41, 0.398, 0.40, float("nan"), 0.405]
+    line = demo.format_intervention(_event(trial_values=values, trial_choice=1))
+    assert line.startswith(plain + " | trial: ")
+    assert line.endswith("policy 0.41, no boost 0.398*, x0.5 0.4, x2 nan, x1 next 0.405")
+    # Candidates the caller names; an unnamed count falls back to their indices.
+    two = (Candidate(1.0), Candidate(3.0))
+    assert demo.format_intervention(_event(trial_values=[0.5, 0.4], trial_choice=1),
+                                    two).endswith("| trial: policy 0.5, x3 0.4*")
+    assert demo.format_intervention(_event(trial_values=[0.5, 0.4], trial_choice=0)).endswith(
+        "| trial: #0 0.5*, #1 0.4")
+    nonfinite = demo.format_intervention(_event(trial_values=[float("nan")] * 2,
+                                                trial_choice=-2), two)
+    assert nonfinite.endswith("policy nan, x3 nan (all non-finite: no boost)")

@@ -124,4 +124,8 @@ def test_the_history_and_intervention_log_record_every_candidates_trial(two):
         values = trial_values[record["step"]]
         assert record["trial_values"] == pytest.approx(values.tolist())
         assert record["trial_choice"] == int(np.argmin(values))
-    assert "trial_values" in loop.History.from_json(history.to_json()).interventions[0]
+        curves = np.asarray(record["trial_curves"])  # [K, steps + 1]: the last value is the score
+        assert curves.shape == (2, 2) and curves[:, -1] == pytest.approx(values.tolist())
+    assert "trial_curves" not in history.steps  # the log holds them, not every step
+    restored = loop.History.from_json(history.to_json()).interventions[0]
+    assert "trial_values" in restored and "trial_curves" in restored
