@@ -246,3 +246,12 @@ def test_lr_grid_targets_checks_and_refuses_mixed_runs(tmp_path):
         "constant": _grid_result(0.80, 0.70, "-", [[0.79]])}}}}))
     with pytest.raises(ValueError, match="constant on shapes/adam differs"):
         T.merge([str(paths[0]), str(other)])
+
+
+def test_nested_conv_times_every_placement_and_prints_the_layouts():
+    out = run_script("nested_conv.py", "--repeats", "1", "--skip-unet", timeout=120)
+    assert_header(out)
+    for name in ("conv forward", "conv kernel gradient", "conv input gradient"):
+        assert f"\n{name} " in out, name
+    for place in ("top level", "lax.cond", "lax.scan"):
+        assert f"# conv kernel gradient, {place}: dim_labels [" in out, place
