@@ -19,8 +19,8 @@ the real step then proceeds with the chosen boost and mix.
   is the one the run would take ``t`` steps after the intervention (base
   schedule, the boost's warm-up ramp, ``max_learning_rate``), injected with
   ``with_learning_rate``; gradients come from ``value_fn``. It starts from the
-  current inner state even when the policy resets the optimizer at this
-  intervention (the reset is not simulated). A candidate whose
+  inner state the committed step uses: the current one, re-initialised when
+  the policy resets the optimizer at this intervention. A candidate whose
   value after the trial is NaN/Inf is disqualified; if all are, the step falls
   back to no boost. Trials diverging to NaN never reach the parameters or the
   optimizer state; only the record holds their values.
@@ -69,7 +69,7 @@ import numpy as np
 import optax
 
 from adaptive_optax._validation import check_float, check_int
-from adaptive_optax.inner_optimizer import with_learning_rate
+from adaptive_optax.inner_optimizer import reset_where, with_learning_rate
 from adaptive_optax.policy import Decision
 
 __all__ = ["DEFAULT_CANDIDATES", "NO_BOOST", "NO_LOOKAHEAD", "POLICY_CHOICE", "Candidate",
@@ -315,7 +315,10 @@ class BoundLookahead:
         def trial():
             boosts, mixes = self._candidates(decision, before, grad_norm)
             unique, slot = self._unique()
-            curves = self._trials(boosts[unique], mixes[unique], params, optimizer_state, rate,
+            # The trials start from the inner state the committed step will use:
+            # re-initialised where this intervention resets the optimizer.
+            start = reset_where(self.optimizer, optimizer_state, decision.reset, params)
+            curves = self._trials(boosts[unique], mixes[unique], params, start, rate,
                                   value_fn, extra_args)[slot]
             values = curves[:, -1]
             choice = self._best(values)

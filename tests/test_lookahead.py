@@ -144,6 +144,21 @@ def test_every_candidate_nonfinite_falls_back_to_no_boost():
     assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("reset", [False, True])
+def test_a_single_candidates_trial_is_the_run_it_commits_including_an_optimizer_reset(reset):
+    # SGD with momentum: a reset at the intervention zeroes the momentum, which a
+    # trial that started from the accumulated momentum would not predict.
+    tx = ao.plateau_escape(optax.sgd, 0.05, optimizer_kwargs={"momentum": 0.9}, patience=0,
+                           boost_warmup_steps=0, max_interventions=1, rollback=None,
+                           policy=fixed_policy(reset_optimizer=(reset,)),
+                           lookahead=Lookahead(steps=3, candidates=(POLICY_CHOICE,)))
+    params, state = run(tx, steps=FIRST_TRIAL)  # the last of these steps intervened
+    assert int(optax.tree.get(state, "intervention_count")) == 1
+    curve = np.asarray(ao.state_field(state, "trial_curves"))[0]
+    real = [float(loss(run(tx, steps=FIRST_TRIAL - 1 + k)[0])) for k in range(4)]
+    np.testing.assert_allclose(curve, real, rtol=1e-5)
+
+
 @pytest.mark.parametrize("guard", [None, ao.RollbackGuard(), ao.RollbackGuard(restore_params=False)])
 def test_one_candidate_equal_to_the_policy_is_plain_plateau_escape_bit_for_bit(guard):
     policy = fixed_policy(reset_optimizer=(False, True))
