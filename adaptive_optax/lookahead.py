@@ -174,7 +174,10 @@ class Lookahead:
     """Try candidate interventions in-graph at a plateau and commit the best.
 
     Args:
-        steps: Trial length in inner-optimizer steps (>= 1).
+        steps: Trial length in inner-optimizer steps (>= 1). The default 4
+            was chosen on the learning-rate grid: 1 step barely separates
+            the candidates, and 33 steps trained and scored on the same
+            batch favour the largest boost (docs/design.md, item 23).
         candidates: :class:`Candidate` specs (or ``(boost_scale, mix)``
             pairs), at most 64; the first is the incumbent. Default
             :data:`DEFAULT_CANDIDATES`.
