@@ -32,7 +32,9 @@ its grid is over its ``learning_rate``, the multiplier of its own step-size
 estimate (0.03 .. 10, default 1); it is Adam-type, so it is trained once per
 data set and listed in the SGD table too (same runs). Under SGD,
 ``schedule-free`` is ``schedule_free_sgd`` (its ``b1`` averaging replaces the
-momentum). Every other strategy wraps the same optimizer.
+momentum). ``escape-prodigy`` and ``escape-schedule-free`` are ``recommended``'s
+plateau escape around those two, on their grids (``escape-prodigy`` shared by
+both tables like ``prodigy``). Every other strategy wraps the same optimizer.
 
 Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 8,
 737 parameters; width 16, 2.6k parameters, costs 1.3x per step and does not
@@ -117,6 +119,7 @@ from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # no
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
     RECOMMENDED,
     DEFAULT_LOOKAHEAD,
+    RATE_FREE,
     STRATEGIES,
     eval_params,
     make_optimizer,
@@ -129,6 +132,9 @@ ADAM_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SGD_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 PRODIGY_MULTIPLIERS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SCHEDULE_FREE_SHIFT = 3.0  # schedule-free's grid is the optimizer's times this
+# Prodigy's grid is over its multiplier; it is Adam-type, trained once per data set.
+PRODIGY_ROWS = RATE_FREE
+SCHEDULE_FREE_ROWS = ("schedule-free", "escape-schedule-free")
 DEFAULT_DATA = ("shapes", "nuclei", "grey_matter")
 OPTIMIZERS = ("adam", "sgd")
 SGD_MOMENTUM = 0.9
@@ -168,19 +174,19 @@ def expand_rows(cfg: argparse.Namespace) -> list[str]:
 
 def rate_grid(strategy: str, optimizer: str, cfg: argparse.Namespace) -> tuple[float, ...]:
     """The rates (for ``prodigy``: multipliers) a strategy is trained at."""
-    if strategy == "prodigy":
+    if strategy in PRODIGY_ROWS:
         return tuple(cfg.rates_prodigy)
     rates = cfg.rates_adam if optimizer == "adam" else cfg.rates_sgd
-    if strategy == "schedule-free":
+    if strategy in SCHEDULE_FREE_ROWS:
         return tuple(SCHEDULE_FREE_SHIFT * r for r in rates)
     return tuple(rates)
 
 
 def inner_optimizer(strategy: str, optimizer: str) -> tuple[Callable, dict[str, Any]]:
     """``(factory, keywords)`` of the optimizer a strategy wraps (see the module docstring)."""
-    if optimizer == "adam" or strategy == "prodigy":
+    if optimizer == "adam" or strategy in PRODIGY_ROWS:
         return optax.adam, {}
-    if strategy == "schedule-free":  # schedule_free_sgd: its b1 averaging is the momentum
+    if strategy in SCHEDULE_FREE_ROWS:  # schedule_free_sgd: its b1 averaging is the momentum
         return optax.sgd, {}
     return optax.sgd, {"momentum": SGD_MOMENTUM}
 
@@ -462,7 +468,7 @@ def print_tables(title: str, results: dict[str, dict], cfg) -> None:
     for rates, group in grids.items():
         headers = ["strategy"] + [f"{x:g}" for x in rates]
         per_rate = [[r["strategy"]] + [float(np.mean(d)) for d in r["final_dice"]] for r in group]
-        unit = "multiplier" if all(r["strategy"] == "prodigy" for r in group) else "rate"
+        unit = "multiplier" if all(r["strategy"] in PRODIGY_ROWS for r in group) else "rate"
         C.print_table(f"{title}: final validation Dice (mean over seeds) per {unit}", headers,
                       per_rate)
 
@@ -510,8 +516,8 @@ def print_convergence(title: str, check: dict) -> None:
 def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
     """Final validation Dice vs base rate, one panel per (data set, optimizer).
 
-    Prodigy has no base rate: it is drawn as a horizontal line at its Dice at
-    its default multiplier 1 (or the grid's middle multiplier).
+    Prodigy has no base rate: its rows are drawn as a horizontal line at their
+    Dice at its default multiplier 1 (or the grid's middle multiplier).
     """
     import matplotlib
 
@@ -527,11 +533,11 @@ def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
         for i, (strategy, r) in enumerate(results.items()):
             dice = np.asarray(r["final_dice"])
             color = plt.cm.tab20(i % 20)
-            if strategy == "prodigy":
+            if strategy in PRODIGY_ROWS:
                 rates = r["rates"]
                 at = rates.index(1.0) if 1.0 in rates else len(rates) // 2
                 ax.axhline(dice[at].mean(), color=color, ls="--",
-                           label=f"prodigy (x{rates[at]:g})")
+                           label=f"{strategy} (x{rates[at]:g})")
                 continue
             ax.plot(r["rates"], dice.mean(axis=1), marker="o", ms=3, color=color, label=strategy)
             ax.fill_between(r["rates"], dice.min(axis=1), dice.max(axis=1), color=color,
@@ -702,19 +708,20 @@ def main(argv: list[str] | None = None) -> int:
         for optimizer in cfg.optimizers:
             results = {}
             for strategy in expand_rows(cfg):
-                if strategy == "prodigy" and "prodigy" in shared:
-                    results[strategy] = shared["prodigy"]
+                if strategy in shared:
+                    results[strategy] = shared[strategy]
                     continue
                 r = train_grid(strategy, optimizer, train, val, cfg)
-                results[strategy] = shared.setdefault(strategy, r) if strategy == "prodigy" else r
+                results[strategy] = (shared.setdefault(strategy, r) if strategy in PRODIGY_ROWS
+                                     else r)
                 best = np.asarray(r["final_dice"]).mean(axis=1)
                 print(f"  {data_name} {optimizer} {strategy:17s} dice per rate "
                       f"{' '.join(f'{d:.3f}' for d in best)} ({r['seconds']:.1f} s)", flush=True)
             title = f"{data_name}, {optimizer}"
             print_tables(title, results, cfg)
             print_choices(title, results)
-            if "prodigy" in results and optimizer != "adam":
-                print("(prodigy is Adam-type: the same runs as in the adam table)")
+            if set(PRODIGY_ROWS) & set(results) and optimizer != "adam":
+                print("(prodigy is Adam-type: its rows are the same runs as in the adam table)")
             if "constant" in results:
                 check = convergence(results["constant"], cfg.window)
                 print_convergence(title, check)

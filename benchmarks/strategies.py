@@ -54,6 +54,7 @@ from adaptive_optax.segmentation.loop import fit  # noqa: E402
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
     STRATEGIES,
     eval_params_for,
+    learning_rate_for,
     make_optimizer,
     policy_for,
 )
@@ -118,7 +119,9 @@ def run_one(strategy: str, seed: int, train, val, cfg: argparse.Namespace) -> di
     per_epoch = min(num_batches(train, cfg.batch_size), cfg.steps_per_epoch)
     total = per_epoch * cfg.epochs
     policy = policy_for(strategy)
-    tx = make_optimizer(strategy, cfg.lr, total_steps=total, patience=cfg.patience,
+    # prodigy's rows take its default multiplier, not the stalling Adam rate.
+    tx = make_optimizer(strategy, learning_rate_for(strategy, cfg.lr), total_steps=total,
+                        patience=cfg.patience,
                         accumulation_steps=per_epoch, cooldown=cfg.cooldown,
                         max_interventions=cfg.max_interventions, seed=seed)
     model = UNet(1, 1, depth=cfg.depth, base_width=cfg.width, rngs=nnx.Rngs(seed))

@@ -33,6 +33,7 @@ from adaptive_optax.segmentation.loop import History, fit
 from adaptive_optax.segmentation.strategies import (
     STRATEGIES,
     eval_params_for,
+    learning_rate_for,
     make_optimizer,
     policy_for,
 )
@@ -133,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap on batches per epoch (default: the whole training set)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="global batch size")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="base learning rate (Adam)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3,
+                   help="base learning rate (Adam); prodigy and escape-prodigy ignore it and "
+                        "use prodigy's own estimate (multiplier 1)")
     p.add_argument("--patience", type=_non_negative_int, default=1,
                    help="non-improving epochs tolerated before a plateau")
     p.add_argument("--cooldown", type=_non_negative_int, default=1,
@@ -192,9 +195,10 @@ def build(args: argparse.Namespace, strategy: str | None = None, data=None):
         raise ValueError(f"--width x 2**--depth must be at most {2**16} channels, got "
                          f"--width {args.width}, --depth {args.depth}.")
     policy = policy_for(strategy)
-    tx = make_optimizer(strategy, args.lr, total_steps=args.epochs * steps_per_epoch,
-                        patience=args.patience, cooldown=args.cooldown, rtol=args.rtol,
-                        accumulation_steps=steps_per_epoch,
+    # --lr is a rate; prodigy's learning_rate is a multiplier of its own estimate.
+    tx = make_optimizer(strategy, learning_rate_for(strategy, args.lr),
+                        total_steps=args.epochs * steps_per_epoch, patience=args.patience,
+                        cooldown=args.cooldown, rtol=args.rtol, accumulation_steps=steps_per_epoch,
                         max_interventions=args.max_interventions, seed=args.seed)
     model = UNet(1, 1, depth=args.depth, base_width=args.width, rngs=nnx.Rngs(args.seed))
     graphdef, state = init_train_state(model, tx)

@@ -42,6 +42,11 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        (``schedule_free_sgd`` for ``optimizer=optax.sgd``)
                        with a constant rate after a 5 % linear warm-up;
                        evaluate :func:`eval_params`, not the raw parameters
+``escape-prodigy``     ``recommended`` around ``prodigy`` (a boost multiplies
+                       prodigy's estimated step size)
+``escape-``            ``recommended`` around ``schedule-free`` (same warm-up;
+``schedule-free``      a boost raises the rate of its ``z`` steps);
+                       evaluate :func:`eval_params`
 =====================  ========================================================
 
 Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
@@ -74,13 +79,35 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
-              "recommended-restore", "lookahead", "prodigy", "schedule-free")
+              "recommended-restore", "lookahead", "prodigy", "schedule-free",
+              "escape-prodigy", "escape-schedule-free")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
-               "recommended-restore", "lookahead")
+               "recommended-restore", "lookahead", "escape-prodigy", "escape-schedule-free")
+# The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
+_ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free"}
+# The strategies that evaluate schedule-free's averaged parameters (eval_params).
+SCHEDULE_FREE = ("schedule-free", "escape-schedule-free")
+# The strategies whose learning_rate is prodigy's multiplier of its own estimate, not a rate.
+RATE_FREE = ("prodigy", "escape-prodigy")
+PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
+
+
+def learning_rate_for(strategy: str, learning_rate: float) -> float:
+    """The ``learning_rate`` to build ``strategy`` with when a run names one base rate.
+
+    A rate-free strategy (:data:`RATE_FREE`) takes prodigy's default
+    multiplier instead: a rate such as 1e-3 given to prodigy would scale its
+    estimated step size by 1e-3 and stall it.
+
+    Example:
+        >>> learning_rate_for("constant", 1e-3), learning_rate_for("prodigy", 1e-3)
+        (0.001, 1.0)
+    """
+    return PRODIGY_DEFAULT_MULTIPLIER if strategy in RATE_FREE else learning_rate
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
 # The lookahead strategy's trials: the defaults of Lookahead (docs/design.md, item 23).
@@ -142,7 +169,7 @@ def schedule_shape(strategy: str, total_steps: int) -> Callable[[jax.Array], jax
         cycle = max(total_steps // SGDR_CYCLES, 1)
         return optax.sgdr_schedule([dict(init_value=1.0, peak_value=1.0, decay_steps=cycle,
                                          warmup_steps=0, end_value=END_FRACTION)] * SGDR_CYCLES)
-    if strategy == "schedule-free" and warmup > 0:
+    if strategy in SCHEDULE_FREE and warmup > 0:
         return optax.warmup_constant_schedule(0.0, 1.0, warmup)
     return optax.constant_schedule(1.0)
 
@@ -165,16 +192,17 @@ def _check_learning_rate(learning_rate) -> float | jax.Array:
 
 def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTransformation]:
     """The factory that plateau_escape wraps: ``optimizer``, or the strategy's own."""
-    if strategy == "prodigy":
+    kind = _ESCAPE_WRAPPED.get(strategy, strategy)
+    if kind == "prodigy":
         if optimizer is not optax.adam:
-            raise ValueError("strategy 'prodigy' is optax.contrib.prodigy, an Adam-type "
+            raise ValueError(f"strategy {strategy!r} is optax.contrib.prodigy, an Adam-type "
                              "optimizer of its own; leave optimizer at its default optax.adam, "
                              f"got optimizer = {optimizer!r}.")
         return optax.contrib.prodigy
-    if strategy == "schedule-free":
+    if kind == "schedule-free":
         factory = _SCHEDULE_FREE.get(optimizer) if callable(optimizer) else None
         if factory is None:
-            raise ValueError("strategy 'schedule-free' has optax variants of optax.adam, "
+            raise ValueError(f"strategy {strategy!r} has optax variants of optax.adam, "
                              "optax.adamw and optax.sgd only; got "
                              f"optimizer = {optimizer!r}, allowed: {list(_SCHEDULE_FREE)}.")
         return factory
@@ -184,7 +212,7 @@ def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTr
 def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULT_OPTIONS`, then the preset of ``recommended``, then the caller's."""
     merged = dict(DEFAULT_OPTIONS)
-    if strategy in RECOMMENDED or strategy == "lookahead":
+    if strategy in RECOMMENDED or strategy == "lookahead" or strategy in _ESCAPE_WRAPPED:
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation))
     if strategy == "lookahead":
@@ -319,7 +347,7 @@ def eval_params_for(strategy: str) -> Callable[[optax.OptState, Any], Any] | Non
     """
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
-    if strategy != "schedule-free":
+    if strategy not in SCHEDULE_FREE:
         return None
     return functools.partial(eval_params, strategy)
 
@@ -353,11 +381,11 @@ def eval_params(strategy: str, opt_state: optax.OptState, params):
     """
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got strategy = {strategy!r}.")
-    if strategy != "schedule-free":
+    if strategy not in SCHEDULE_FREE:
         return params
     inner = optax.tree.get(find_state(opt_state).optimizer_state, "ScheduleFreeState")
     if inner is None:
-        raise ValueError("eval_params('schedule-free', ...) needs the state of "
-                         "make_optimizer('schedule-free', ...): opt_state holds no "
+        raise ValueError(f"eval_params({strategy!r}, ...) needs the state of "
+                         f"make_optimizer({strategy!r}, ...): opt_state holds no "
                          "ScheduleFreeState.")
     return optax.contrib.schedule_free_eval_params(inner, params)

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import adaptive_optax as ao
+from adaptive_optax import presets
 from adaptive_optax.segmentation import strategies
 from adaptive_optax.state import find_state
 
@@ -222,19 +223,42 @@ def test_recommended_uses_the_real_preset():
     assert ("rollback_count" in ao.find_state(state).fields()) == has_guard
 
 
-def test_prodigy_is_optax_contrib_prodigy_with_the_rate_as_its_multiplier():
-    tx = strategies.make_optimizer("prodigy", 0.5, total_steps=10)
+@pytest.mark.parametrize("name", ["prodigy", "escape-prodigy"])
+def test_prodigy_is_optax_contrib_prodigy_with_the_rate_as_its_multiplier(name):
+    tx = strategies.make_optimizer(name, 0.5, total_steps=10)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     _, state = tx.update({"w": jnp.full(3, 0.1)}, state, params, value=jnp.float32(1.0))
     assert optax.tree.get(state, "ProdigyState") is not None
     assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="optimizer = "):
-        strategies.make_optimizer("prodigy", 1.0, total_steps=10, optimizer=optax.sgd)
+    with pytest.raises(ValueError, match=f"strategy '{name}'.*optimizer = "):
+        strategies.make_optimizer(name, 1.0, total_steps=10, optimizer=optax.sgd)
 
 
-def _schedule_free_run(optimizer=optax.adam, steps=5):
-    tx = strategies.make_optimizer("schedule-free", 1e-1, total_steps=20, optimizer=optimizer)
+@pytest.mark.parametrize("name, inner", [("escape-prodigy", "ProdigyState"),
+                                         ("escape-schedule-free", "ScheduleFreeState")])
+def test_the_escape_wrappers_are_recommended_around_the_rate_free_optimizers(name, inner):
+    """The preset's options (ramp, guard) around prodigy / schedule-free, intervening;
+    the plain strategies around the same optimizers never intervene."""
+    options = strategies._options(name, {})
+    for key, value in presets.recommended_options(1).items():
+        assert options[key] == value, key
+    counts = {}
+    for strategy in (name, name.removeprefix("escape-")):
+        tx = strategies.make_optimizer(strategy, 1e-2, total_steps=20, patience=0, cooldown=0)
+        params = {"w": jnp.ones(3)}
+        state = tx.init(params)
+        assert optax.tree.get(state, inner) is not None, strategy
+        for _ in range(6):  # a constant value: every window after the first is a plateau
+            updates, state = tx.update({"w": jnp.full(3, 0.1)}, state, params,
+                                       value=jnp.float32(1.0))
+            params = optax.apply_updates(params, updates)
+        counts[strategy] = int(optax.tree.get(state, "intervention_count"))
+    assert counts[name] >= 1 and counts[name.removeprefix("escape-")] == 0, counts
+
+
+def _schedule_free_run(optimizer=optax.adam, steps=5, name="schedule-free"):
+    tx = strategies.make_optimizer(name, 1e-1, total_steps=20, optimizer=optimizer)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     for i in range(steps):
@@ -244,28 +268,33 @@ def _schedule_free_run(optimizer=optax.adam, steps=5):
     return params, state
 
 
+@pytest.mark.parametrize("name", strategies.SCHEDULE_FREE)
 @pytest.mark.parametrize("optimizer", [optax.adam, optax.sgd])
-def test_schedule_free_eval_params_are_its_average(optimizer):
-    params, state = _schedule_free_run(optimizer)
+def test_schedule_free_eval_params_are_its_average(optimizer, name):
+    params, state = _schedule_free_run(optimizer, name=name)
     inner = optax.tree.get(state, "ScheduleFreeState")
     assert inner is not None
-    evaluated = strategies.eval_params("schedule-free", state, params)
+    assert strategies.eval_params_for(name) is not None
+    evaluated = strategies.eval_params(name, state, params)
     np.testing.assert_array_equal(evaluated["w"],
                                   optax.contrib.schedule_free_eval_params(inner, params)["w"])
     assert not np.allclose(evaluated["w"], params["w"])
 
 
-def test_schedule_free_warms_up_its_rate():
-    rates = _base_rates(strategies.make_optimizer("schedule-free", 1e-2, total_steps=100), 10)
+@pytest.mark.parametrize("name", strategies.SCHEDULE_FREE)
+def test_schedule_free_warms_up_its_rate(name):
+    rates = _base_rates(strategies.make_optimizer(name, 1e-2, total_steps=100), 10)
     assert rates[0] == 0.0 and rates[5:] == pytest.approx([1e-2] * 5)
 
 
-def test_schedule_free_refuses_other_optimizers():
-    with pytest.raises(ValueError, match="optimizer = "):
-        strategies.make_optimizer("schedule-free", 1e-3, total_steps=10, optimizer=optax.lion)
+@pytest.mark.parametrize("name", strategies.SCHEDULE_FREE)
+def test_schedule_free_refuses_other_optimizers(name):
+    with pytest.raises(ValueError, match=f"strategy '{name}'.*optimizer = "):
+        strategies.make_optimizer(name, 1e-3, total_steps=10, optimizer=optax.lion)
 
 
-@pytest.mark.parametrize("name", [s for s in strategies.STRATEGIES if s != "schedule-free"])
+@pytest.mark.parametrize("name", [s for s in strategies.STRATEGIES
+                                  if s not in strategies.SCHEDULE_FREE])
 def test_eval_params_are_the_params_for_the_other_strategies(name):
     params = {"w": jnp.ones(3)}
     state = strategies.make_optimizer(name, 1e-3, total_steps=10).init(params)
@@ -435,3 +464,9 @@ def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
     params = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match="value_fn"):
         tx.update(params, tx.init(params), params, value=1.0)
+
+
+@pytest.mark.parametrize("name", strategies.STRATEGIES)
+def test_a_run_wide_rate_goes_to_rate_strategies_and_prodigy_keeps_its_own_estimate(name):
+    expected = 1.0 if name in ("prodigy", "escape-prodigy") else 3e-4
+    assert strategies.learning_rate_for(name, 3e-4) == expected
