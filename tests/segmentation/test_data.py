@@ -167,16 +167,20 @@ def test_nuclei_dataset_default_recipe():
         assert old_ids.size == 1
 
 
-@needs_stardist
-def test_nuclei_dataset_deterministic_by_seed():
-    a, val_a = nuclei_dataset(num_train=8, seed=1)
-    b, val_b = nuclei_dataset(num_train=8, seed=1)
-    c, val_c = nuclei_dataset(num_train=8, seed=2)
-    np.testing.assert_array_equal(a.images, b.images)
-    np.testing.assert_array_equal(a.instances, b.instances)
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda **kw: nuclei_dataset(**kw), id="nuclei", marks=needs_stardist),
+    pytest.param(lambda **kw: grey_matter_dataset(**kw), id="grey_matter", marks=needs_nilearn),
+    pytest.param(lambda **kw: nuclei_3d_dataset(**kw), id="nuclei_3d", marks=needs_stardist),
+])
+def test_crop_datasets_are_deterministic_by_seed_with_a_seed_free_validation_set(make):
+    a, val_a = make(num_train=8, seed=1)
+    b, _ = make(num_train=8, seed=1)
+    c, val_c = make(num_train=8, seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a.images, c.images)
-    # The validation set does not depend on the seed.
-    np.testing.assert_array_equal(val_a.images, val_c.images)
+    for x, y in zip(val_a, val_c):  # the validation set does not depend on the seed
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.fixture
@@ -335,19 +339,6 @@ def test_grey_matter_dataset_default_recipe():
 
 
 @needs_nilearn
-def test_grey_matter_dataset_deterministic_by_seed():
-    a, val_a = grey_matter_dataset(num_train=8, seed=1)
-    b, val_b = grey_matter_dataset(num_train=8, seed=1)
-    c, val_c = grey_matter_dataset(num_train=8, seed=2)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
-    assert not np.array_equal(a.images, c.images)
-    # The validation set does not depend on the seed.
-    for x, y in zip(val_a, val_c):
-        np.testing.assert_array_equal(x, y)
-
-
-@needs_nilearn
 def test_load_grey_matter():
     train, val = load_dataset("grey_matter", num_train=8, size=32)
     assert_well_formed(train, 8, 32, 32)
@@ -501,19 +492,6 @@ def test_nuclei_3d_dataset_default_recipe():
     first = instances[tiles[0]]
     for new_id in np.unique(val.instances[0])[1:]:
         assert np.unique(first[val.instances[0] == new_id]).size == 1
-
-
-@needs_stardist
-def test_nuclei_3d_dataset_deterministic_by_seed():
-    a, val_a = nuclei_3d_dataset(num_train=8, seed=1)
-    b, val_b = nuclei_3d_dataset(num_train=8, seed=1)
-    c, val_c = nuclei_3d_dataset(num_train=8, seed=2)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
-    assert not np.array_equal(a.images, c.images)
-    # The validation set does not depend on the seed.
-    for x, y in zip(val_a, val_c):
-        np.testing.assert_array_equal(x, y)
 
 
 @needs_stardist
