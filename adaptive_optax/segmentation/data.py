@@ -710,6 +710,26 @@ def _components(mask: np.ndarray) -> np.ndarray:
     return labels.astype(np.int32)
 
 
+def _check_crop_fits(crop_size: int, height: int, width: int) -> None:
+    """Refuses a crop larger than a volume's slices."""
+    if crop_size > min(height, width):
+        raise ValueError(
+            f"crop_size={crop_size} does not fit in a {height}x{width} slice"
+        )
+
+
+def _random_slice_windows(seed: int, num_train: int, z_stop: int, height: int, width: int,
+                          crop_size: int) -> tuple[np.random.Generator, list[tuple]]:
+    """``(rng, windows)``: ``num_train`` random ``(z, rows, columns)`` crops of
+    slices ``0 .. z_stop - 1``; the generator goes on to draw the augmentations."""
+    rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
+    zs = rng.integers(0, z_stop, size=num_train)
+    ys = rng.integers(0, height - crop_size + 1, size=num_train)
+    xs = rng.integers(0, width - crop_size + 1, size=num_train)
+    return rng, [(z, slice(y, y + crop_size), slice(x, x + crop_size))
+                 for z, y, x in zip(zs, ys, xs)]
+
+
 def grey_matter_dataset(
     *,
     crop_size: int = 64,
@@ -763,10 +783,7 @@ def grey_matter_dataset(
         crop_size, num_train, max_instances, val_fraction, augment)
     image, mask = _load_grey_matter()
     depth, height, width = image.shape
-    if crop_size > min(height, width):
-        raise ValueError(
-            f"crop_size={crop_size} does not fit in a {height}x{width} slice"
-        )
+    _check_crop_fits(crop_size, height, width)
     split = int(round(depth * (1.0 - val_fraction)))
     val_slices = list(range(split + _GM_VAL_SLICE_STEP, depth, _GM_VAL_SLICE_STEP))
     if split < 1 or not val_slices:
@@ -776,12 +793,7 @@ def grey_matter_dataset(
             f"needs one and the validation slab more than {_GM_VAL_SLICE_STEP}"
         )
 
-    rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
-    zs = rng.integers(0, split, size=num_train)
-    ys = rng.integers(0, height - crop_size + 1, size=num_train)
-    xs = rng.integers(0, width - crop_size + 1, size=num_train)
-    windows = [(z, slice(y, y + crop_size), slice(x, x + crop_size))
-               for z, y, x in zip(zs, ys, xs)]
+    rng, windows = _random_slice_windows(seed, num_train, split, height, width, crop_size)
     train_images, train_masks = _training_crops(image, mask, windows, rng, augment)
     train_labels = [_components(m) for m in train_masks]
 
@@ -911,10 +923,7 @@ def nuclei_3d_dataset(
         crop_size, num_train, max_instances, val_fraction, augment)
     image, labels = _load_nuclei_3d()
     depth, height, width = image.shape
-    if crop_size > min(height, width):
-        raise ValueError(
-            f"crop_size={crop_size} does not fit in a {height}x{width} slice"
-        )
+    _check_crop_fits(crop_size, height, width)
     val_start = depth - int(round(depth * val_fraction))
     train_end = val_start - _NUCLEI_3D_GAP
     if train_end < 1 or val_start >= depth:
@@ -924,12 +933,7 @@ def nuclei_3d_dataset(
             f"{_NUCLEI_3D_GAP}); each slab needs at least one"
         )
 
-    rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
-    zs = rng.integers(0, train_end, size=num_train)
-    ys = rng.integers(0, height - crop_size + 1, size=num_train)
-    xs = rng.integers(0, width - crop_size + 1, size=num_train)
-    windows = [(z, slice(y, y + crop_size), slice(x, x + crop_size))
-               for z, y, x in zip(zs, ys, xs)]
+    rng, windows = _random_slice_windows(seed, num_train, train_end, height, width, crop_size)
     train_images, train_labels = _training_crops(image, labels, windows, rng, augment)
 
     val_images, val_labels = [], []
