@@ -26,5 +26,8 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_transform.py tes
   -k "not property" 2>&1 | tail -5 | tee "$out/pytest_gpu.txt"
 timeout 90 python3 benchmarks/gpu_kernels.py --target local --out "$out/kernels_gpu.json" 2>&1 \
   | tee "$out/kernels_gpu.txt"
+# The lookahead's lax.cond predicate is read by the host on GPU: its off-plateau cost (issue 14).
+timeout 90 python3 benchmarks/lookahead_cost.py --repeats 5 --out "$out/lookahead_cost_gpu.json" \
+  2>&1 | tee "$out/lookahead_cost_gpu.txt"
 timeout 90 python3 -m adaptive_optax.demo --epochs 12 --no-progress --checkpoint-every 0 \
   --out "$out/demo" 2>&1 | tee "$out/demo_gpu.txt"
