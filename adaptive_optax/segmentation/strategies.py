@@ -70,7 +70,6 @@ import optax
 
 from adaptive_optax import presets
 from adaptive_optax._validation import check_float, check_int
-from adaptive_optax.lookahead import Lookahead
 from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import RollbackGuard
 from adaptive_optax.segmentation.policies import adaptive_mix_policy, scripted_policy
@@ -110,8 +109,8 @@ def learning_rate_for(strategy: str, learning_rate: float) -> float:
     return PRODIGY_DEFAULT_MULTIPLIER if strategy in RATE_FREE else learning_rate
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
-# The lookahead strategy's trials: the defaults of Lookahead (docs/design.md, item 23).
-DEFAULT_LOOKAHEAD = Lookahead()
+# The lookahead strategy's trials: the preset's, the defaults of Lookahead (design.md item 23).
+DEFAULT_LOOKAHEAD = presets.recommended_options(1, lookahead=True)["lookahead"]
 
 # plateau_escape options that make_optimizer sets unless the caller (or, for
 # "recommended", the preset) does.
@@ -214,9 +213,8 @@ def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     merged = dict(DEFAULT_OPTIONS)
     if strategy in RECOMMENDED or strategy == "lookahead" or strategy in _ESCAPE_WRAPPED:
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
-        merged.update(presets.recommended_options(accumulation))
-    if strategy == "lookahead":
-        merged["lookahead"] = DEFAULT_LOOKAHEAD
+        merged.update(presets.recommended_options(accumulation,
+                                                  lookahead=strategy == "lookahead"))
     if strategy == "recommended-restore":  # the preset's guard, restoring the parameters too
         merged["rollback"] = RollbackGuard()
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded

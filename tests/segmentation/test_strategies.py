@@ -196,7 +196,8 @@ def test_recommended_takes_the_preset_and_lets_options_override_it(monkeypatch):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    def preset(accumulation_steps):
+    def preset(accumulation_steps, lookahead=False):
+        assert lookahead is False  # only the lookahead strategy asks for the trials
         calls.append(accumulation_steps)
         return dict(accumulation_steps=accumulation_steps, boost_warmup_steps=7, cooldown=3,
                     rtol=0.25)
