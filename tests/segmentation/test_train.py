@@ -176,8 +176,9 @@ def test_the_eval_step_evaluates_schedule_free_at_its_average():
     assert not np.allclose(np.asarray(raw), np.asarray(averaged))  # y is not the average
 
 
-def test_eval_params_for_names_only_schedule_free():
+def test_eval_params_for_names_only_the_schedule_free_strategies():
     assert all(strategies.eval_params_for(s) is None
-               for s in strategies.STRATEGIES if s != "schedule-free")
+               for s in strategies.STRATEGIES if s not in strategies.SCHEDULE_FREE)
+    assert all(strategies.eval_params_for(s) is not None for s in strategies.SCHEDULE_FREE)
     with pytest.raises(ValueError, match="strategy must be one of"):
         strategies.eval_params_for("sgd")
