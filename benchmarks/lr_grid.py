@@ -70,15 +70,16 @@ dispatched from Python. XLA:CPU runs a program this small on the thread that
 dispatches it and its intra-op threads do not speed up the tiny convolutions,
 so intra-op threading is off and ``--threads`` host threads each drive a
 share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
-one grid is ~65 CPU-seconds, the full run (69 grids: prodigy is shared by
-both optimizers) ~40 min on 2 idle cores. Per-step monitored loss, learning
+one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
+~40 s), the full run (90 grids: prodigy and escape-prodigy are shared by both
+optimizers) ~55 min on 2 idle cores. Per-step monitored loss, learning
 rate, interventions and rollbacks are written into on-device arrays inside
 the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::
 
-    python benchmarks/lr_grid.py                   # the full grid (~40 min on 2 idle cores)
+    python benchmarks/lr_grid.py                   # the full grid (~55 min on 2 idle cores)
     python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
     python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
         --strategies constant,cosine,recommended --out grid.json --plot grid.png
