@@ -93,24 +93,11 @@ SCHEDULE_FREE = ("schedule-free", "escape-schedule-free")
 # The strategies whose learning_rate is prodigy's multiplier of its own estimate, not a rate.
 RATE_FREE = ("prodigy", "escape-prodigy")
 PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
-
-
-def learning_rate_for(strategy: str, learning_rate: float) -> float:
-    """The ``learning_rate`` to build ``strategy`` with when a run names one base rate.
-
-    A rate-free strategy (:data:`RATE_FREE`) takes prodigy's default
-    multiplier instead: a rate such as 1e-3 given to prodigy would scale its
-    estimated step size by 1e-3 and stall it.
-
-    Example:
-        >>> learning_rate_for("constant", 1e-3), learning_rate_for("prodigy", 1e-3)
-        (0.001, 1.0)
-    """
-    return PRODIGY_DEFAULT_MULTIPLIER if strategy in RATE_FREE else learning_rate
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
 # The lookahead strategy's trials: the preset's, the defaults of Lookahead (design.md item 23).
 DEFAULT_LOOKAHEAD = presets.recommended_options(1, lookahead=True)["lookahead"]
+
 
 # plateau_escape options that make_optimizer sets unless the caller (or, for
 # "recommended", the preset) does.
@@ -130,6 +117,20 @@ SGDR_CYCLES = 4
 _SCHEDULE_FREE = {optax.adam: optax.contrib.schedule_free_adamw,
                   optax.adamw: optax.contrib.schedule_free_adamw,
                   optax.sgd: optax.contrib.schedule_free_sgd}
+
+
+def learning_rate_for(strategy: str, learning_rate: float) -> float:
+    """The ``learning_rate`` to build ``strategy`` with when a run names one base rate.
+
+    A rate-free strategy (:data:`RATE_FREE`) takes prodigy's default
+    multiplier instead: a rate such as 1e-3 given to prodigy would scale its
+    estimated step size by 1e-3 and stall it.
+
+    Example:
+        >>> learning_rate_for("constant", 1e-3), learning_rate_for("prodigy", 1e-3)
+        (0.001, 1.0)
+    """
+    return PRODIGY_DEFAULT_MULTIPLIER if strategy in RATE_FREE else learning_rate
 
 
 def policy_for(strategy: str) -> InterventionPolicy:
@@ -280,9 +281,10 @@ def make_optimizer(
             is a ``plateau_escape`` parameter goes to it, any other joins
             ``optimizer_kwargs``. Unset options take :data:`DEFAULT_OPTIONS`
             (patience 2, accumulation_steps 1, cooldown 1, rtol 1e-4,
-            max_interventions 3, seed 0); for
-            ``recommended`` and ``recommended-restore`` the preset's options
-            come between the defaults and yours. ``policy=None`` is the strategy's policy
+            max_interventions 3, seed 0); for the strategies built on the
+            preset (``recommended``, ``recommended-restore``, ``lookahead``,
+            ``escape-prodigy``, ``escape-schedule-free``) its options come
+            between the defaults and yours. ``policy=None`` is the strategy's policy
             (:func:`policy_for`). The non-intervening strategies always get
             ``max_interventions=0``.
 
