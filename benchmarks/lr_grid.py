@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import functools
 import math
 import os
@@ -112,7 +113,6 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import presets  # noqa: E402
-from adaptive_optax.lookahead import Lookahead  # noqa: E402
 from adaptive_optax.rollback import RollbackGuard  # noqa: E402
 from adaptive_optax.segmentation import data as data_lib  # noqa: E402
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss  # noqa: E402
@@ -121,6 +121,7 @@ from adaptive_optax.segmentation.strategies import (  # noqa: E402
     RECOMMENDED,
     DEFAULT_LOOKAHEAD,
     RATE_FREE,
+    SCHEDULE_FREE,
     STRATEGIES,
     eval_params,
     make_optimizer,
@@ -133,9 +134,6 @@ ADAM_RATES = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 SGD_RATES = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 PRODIGY_MULTIPLIERS = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 SCHEDULE_FREE_SHIFT = 3.0  # schedule-free's grid is the optimizer's times this
-# Prodigy's grid is over its multiplier; it is Adam-type, trained once per data set.
-PRODIGY_ROWS = RATE_FREE
-SCHEDULE_FREE_ROWS = ("schedule-free", "escape-schedule-free")
 DEFAULT_DATA = ("shapes", "nuclei", "grey_matter")
 OPTIMIZERS = ("adam", "sgd")
 SGD_MOMENTUM = 0.9
@@ -175,19 +173,19 @@ def expand_rows(cfg: argparse.Namespace) -> list[str]:
 
 def rate_grid(strategy: str, optimizer: str, cfg: argparse.Namespace) -> tuple[float, ...]:
     """The rates (for ``prodigy``: multipliers) a strategy is trained at."""
-    if strategy in PRODIGY_ROWS:
+    if strategy in RATE_FREE:
         return tuple(cfg.rates_prodigy)
     rates = cfg.rates_adam if optimizer == "adam" else cfg.rates_sgd
-    if strategy in SCHEDULE_FREE_ROWS:
+    if strategy in SCHEDULE_FREE:
         return tuple(SCHEDULE_FREE_SHIFT * r for r in rates)
     return tuple(rates)
 
 
 def inner_optimizer(strategy: str, optimizer: str) -> tuple[Callable, dict[str, Any]]:
     """``(factory, keywords)`` of the optimizer a strategy wraps (see the module docstring)."""
-    if optimizer == "adam" or strategy in PRODIGY_ROWS:
+    if optimizer == "adam" or strategy in RATE_FREE:
         return optax.adam, {}
-    if strategy in SCHEDULE_FREE_ROWS:  # schedule_free_sgd: its b1 averaging is the momentum
+    if strategy in SCHEDULE_FREE:  # schedule_free_sgd: its b1 averaging is the momentum
         return optax.sgd, {}
     return optax.sgd, {"momentum": SGD_MOMENTUM}
 
@@ -239,9 +237,7 @@ def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctio
     if strategy == "recommended-restore":  # ... with the guard that restores the parameters
         options["rollback"] = RollbackGuard()
     if strategy == "lookahead":  # the row's trial length, the default's other settings
-        options["lookahead"] = Lookahead(steps=trial_rows(cfg)[row],
-                                         **{k: getattr(DEFAULT_LOOKAHEAD, k)
-                                            for k in ("candidates", "memory", "rtol", "atol")})
+        options["lookahead"] = dataclasses.replace(DEFAULT_LOOKAHEAD, steps=trial_rows(cfg)[row])
 
     def tx_of(rate, seed=0):
         # The seed only draws the mix plan at init; it lives in the state after.
@@ -469,7 +465,7 @@ def print_tables(title: str, results: dict[str, dict], cfg) -> None:
     for rates, group in grids.items():
         headers = ["strategy"] + [f"{x:g}" for x in rates]
         per_rate = [[r["strategy"]] + [float(np.mean(d)) for d in r["final_dice"]] for r in group]
-        unit = "multiplier" if all(r["strategy"] in PRODIGY_ROWS for r in group) else "rate"
+        unit = "multiplier" if all(r["strategy"] in RATE_FREE for r in group) else "rate"
         C.print_table(f"{title}: final validation Dice (mean over seeds) per {unit}", headers,
                       per_rate)
 
@@ -534,7 +530,7 @@ def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
         for i, (strategy, r) in enumerate(results.items()):
             dice = np.asarray(r["final_dice"])
             color = plt.cm.tab20(i % 20)
-            if strategy in PRODIGY_ROWS:
+            if strategy in RATE_FREE:
                 rates = r["rates"]
                 at = rates.index(1.0) if 1.0 in rates else len(rates) // 2
                 ax.axhline(dice[at].mean(), color=color, ls="--",
@@ -713,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
                     results[strategy] = shared[strategy]
                     continue
                 r = train_grid(strategy, optimizer, train, val, cfg)
-                results[strategy] = (shared.setdefault(strategy, r) if strategy in PRODIGY_ROWS
+                results[strategy] = (shared.setdefault(strategy, r) if strategy in RATE_FREE
                                      else r)
                 best = np.asarray(r["final_dice"]).mean(axis=1)
                 print(f"  {data_name} {optimizer} {strategy:17s} dice per rate "
@@ -721,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             title = f"{data_name}, {optimizer}"
             print_tables(title, results, cfg)
             print_choices(title, results)
-            if set(PRODIGY_ROWS) & set(results) and optimizer != "adam":
+            if set(RATE_FREE) & set(results) and optimizer != "adam":
                 print("(prodigy is Adam-type: its rows are the same runs as in the adam table)")
             if "constant" in results:
                 check = convergence(results["constant"], cfg.window)
