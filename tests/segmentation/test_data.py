@@ -168,9 +168,9 @@ def test_nuclei_dataset_default_recipe():
 
 
 @pytest.mark.parametrize("make", [
-    pytest.param(lambda **kw: nuclei_dataset(**kw), id="nuclei", marks=needs_stardist),
-    pytest.param(lambda **kw: grey_matter_dataset(**kw), id="grey_matter", marks=needs_nilearn),
-    pytest.param(lambda **kw: nuclei_3d_dataset(**kw), id="nuclei_3d", marks=needs_stardist),
+    pytest.param(nuclei_dataset, id="nuclei", marks=needs_stardist),
+    pytest.param(grey_matter_dataset, id="grey_matter", marks=needs_nilearn),
+    pytest.param(nuclei_3d_dataset, id="nuclei_3d", marks=needs_stardist),
 ])
 def test_crop_datasets_are_deterministic_by_seed_with_a_seed_free_validation_set(make):
     a, val_a = make(num_train=8, seed=1)
