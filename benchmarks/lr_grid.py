@@ -120,6 +120,7 @@ from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # no
 from adaptive_optax.segmentation.strategies import (  # noqa: E402
     RECOMMENDED,
     DEFAULT_LOOKAHEAD,
+    LOOKAHEAD,
     RATE_FREE,
     SCHEDULE_FREE,
     STRATEGIES,
@@ -383,7 +384,7 @@ def choice_counts(result: dict) -> list[int] | None:
     update); the last entry counts the trials where every candidate was
     non-finite (the step then takes no boost).
     """
-    if base_strategy(result["strategy"]) != "lookahead":
+    if base_strategy(result["strategy"]) not in LOOKAHEAD:
         return None
     k = len(DEFAULT_LOOKAHEAD.candidates)
     counts = [0] * (k + 1)

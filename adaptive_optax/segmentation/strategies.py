@@ -45,8 +45,12 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
 ``escape-prodigy``     ``recommended`` around ``prodigy`` (a boost multiplies
                        prodigy's estimated step size)
 ``escape-``            ``recommended`` around ``schedule-free`` (same warm-up;
-``schedule-free``      a boost raises the rate of its ``z`` steps);
+``schedule-free``      a boost raises the rate of its ``z`` steps but not the
+                       weights of its average:
+                       :func:`adaptive_optax.schedule_free.boost_neutral_schedule_free`);
                        evaluate :func:`eval_params`
+``lookahead-``         ``escape-schedule-free`` with ``lookahead=Lookahead()``
+``schedule-free``      (the README's recommendation around schedule-free)
 =====================  ========================================================
 
 Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
@@ -74,22 +78,27 @@ from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import RollbackGuard
 from adaptive_optax.segmentation.policies import adaptive_mix_policy, scripted_policy
 from adaptive_optax.state import find_state
+from adaptive_optax.schedule_free import boost_neutral_schedule_free
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
               "recommended-restore", "lookahead", "prodigy", "schedule-free",
-              "escape-prodigy", "escape-schedule-free")
+              "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
-               "recommended-restore", "lookahead", "escape-prodigy", "escape-schedule-free")
+               "recommended-restore", "lookahead", "escape-prodigy", "escape-schedule-free",
+               "lookahead-schedule-free")
 # The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
-_ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free"}
+_ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free",
+                   "lookahead-schedule-free": "schedule-free"}
+# The strategies that try each intervention first (the preset's Lookahead()).
+LOOKAHEAD = ("lookahead", "lookahead-schedule-free")
 # The strategies that evaluate schedule-free's averaged parameters (eval_params).
-SCHEDULE_FREE = ("schedule-free", "escape-schedule-free")
+SCHEDULE_FREE = ("schedule-free", "escape-schedule-free", "lookahead-schedule-free")
 # The strategies whose learning_rate is prodigy's multiplier of its own estimate, not a rate.
 RATE_FREE = ("prodigy", "escape-prodigy")
 PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
@@ -212,10 +221,10 @@ def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTr
 def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
     """:data:`DEFAULT_OPTIONS`, then the preset of ``recommended``, then the caller's."""
     merged = dict(DEFAULT_OPTIONS)
-    if strategy in RECOMMENDED or strategy == "lookahead" or strategy in _ESCAPE_WRAPPED:
+    if strategy in RECOMMENDED or strategy in LOOKAHEAD or strategy in _ESCAPE_WRAPPED:
         accumulation = options.get("accumulation_steps", merged["accumulation_steps"])
         merged.update(presets.recommended_options(accumulation,
-                                                  lookahead=strategy == "lookahead"))
+                                                  lookahead=strategy in LOOKAHEAD))
     if strategy == "recommended-restore":  # the preset's guard, restoring the parameters too
         merged["rollback"] = RollbackGuard()
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded
@@ -325,8 +334,12 @@ def make_optimizer(
     # A closure over the rate, not optax's schedule(peak) builders: those test
     # the peak in Python (warmup_cosine_decay_schedule's `peak_value == 0`),
     # which a traced rate cannot answer.
-    tx = plateau_escape(inner, lambda step: learning_rate * shape(step),
-                        optimizer_kwargs=optimizer_kwargs, **options)
+    base = lambda step: learning_rate * shape(step)  # noqa: E731
+    if strategy in SCHEDULE_FREE and strategy in INTERVENING:
+        # Boosts drive z's steps but not the average's weights (adaptive_optax.schedule_free).
+        inner = boost_neutral_schedule_free(
+            base, "sgd" if inner is optax.contrib.schedule_free_sgd else "adamw")
+    tx = plateau_escape(inner, base, optimizer_kwargs=optimizer_kwargs, **options)
     if strategy == "reduce-on-plateau":
         # optax cuts when its count *equals* patience; ours acts on window
         # patience + 1, so the two strategies wait equally long.

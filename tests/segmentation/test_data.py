@@ -1,5 +1,5 @@
-"""Tests for adaptive_optax.segmentation.data: synthetic shapes, the nuclei, grey-matter
-and 3D-nuclei crops, batching."""
+"""Tests for adaptive_optax.segmentation.data: synthetic shapes, the nuclei, grey-matter,
+3D-nuclei and white-matter crops, batching."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from adaptive_optax.segmentation.data import (
     nuclei_image,
     num_batches,
     synthetic_shapes,
+    white_matter_dataset,
+    white_matter_volume,
 )
 
 needs_stardist = pytest.mark.skipif(
@@ -171,6 +173,7 @@ def test_nuclei_dataset_default_recipe():
     pytest.param(nuclei_dataset, id="nuclei", marks=needs_stardist),
     pytest.param(grey_matter_dataset, id="grey_matter", marks=needs_nilearn),
     pytest.param(nuclei_3d_dataset, id="nuclei_3d", marks=needs_stardist),
+    pytest.param(white_matter_dataset, id="white_matter", marks=needs_nilearn),
 ])
 def test_crop_datasets_are_deterministic_by_seed_with_a_seed_free_validation_set(make):
     a, val_a = make(num_train=8, seed=1)
@@ -348,6 +351,39 @@ def test_load_grey_matter():
         load_dataset("grey_matter", num_val=4)
 
 
+@needs_nilearn
+def test_white_matter_volume_and_recipe():
+    image, mask = white_matter_volume()
+    # The grey-matter box, read as axial slices [z, y reversed, x].
+    assert image.shape == mask.shape == (155, 181, 145)
+    grey_image, _ = grey_matter_volume()
+    np.testing.assert_array_equal(image, grey_image.transpose(1, 0, 2)[::-1, ::-1])
+    import nibabel
+
+    root = data_lib._package_dir("nilearn", "white_matter")
+    wm = np.asanyarray(nibabel.load(f"{root}/datasets/data/{data_lib._MNI_WM_FILE}").dataobj)
+    box = (slice(26, 171), slice(27, 208), slice(0, 155))
+    np.testing.assert_array_equal(mask, wm[box].transpose(2, 1, 0)[:, ::-1] >= 128)
+    brain = image > 0
+    assert not (mask & ~brain).any()
+    # White matter is the brightest tissue of a T1: brighter than most of the brain.
+    assert image[mask].mean() > np.percentile(image[brain], 60)
+    train, val = white_matter_dataset(num_train=64, seed=0)
+    assert_well_formed(train, 64, 64, 32)
+    assert_well_formed(val, 16, 64, 32)
+    for part in (train, val):
+        assert 0.05 < part.masks.mean() < 0.95
+    # Validation: every 8th slice from 8 past the split (116 of 155), a
+    # centred 2x2 grid of 64 (rows 26.., columns 8..).
+    tiles = [image[z, y : y + 64, x : x + 64]
+             for z in (124, 132, 140, 148) for y in (26, 90) for x in (8, 72)]
+    np.testing.assert_array_equal(val.images[..., 0], np.stack(tiles))
+    train, val = load_dataset("white_matter", num_train=8, size=32)
+    assert_well_formed(val, 80, 32, 32)
+    with pytest.raises(ValueError, match="num_val does not apply to 'white_matter'"):
+        load_dataset("white_matter", num_val=4)
+
+
 @pytest.fixture
 def slice_coded_volume(monkeypatch):
     """Replaces the grey-matter volume by one whose value is the slice index."""
@@ -359,14 +395,15 @@ def slice_coded_volume(monkeypatch):
     yy, xx = np.mgrid[0:height, 0:width]
     board = ((yy // 4) + (xx // 4)) % 2 == 0
     mask = np.broadcast_to(board, (depth, height, width))
-    monkeypatch.setattr(data_lib, "_load_grey_matter", lambda: (image, mask))
+    monkeypatch.setattr(data_lib, "_load_mni", lambda tissue: (image, mask))
     return image, mask
 
 
-def test_grey_matter_train_and_val_slices_disjoint(slice_coded_volume):
+@pytest.mark.parametrize("make", [grey_matter_dataset, white_matter_dataset])
+def test_mni_train_and_val_slices_disjoint(slice_coded_volume, make):
     image, _ = slice_coded_volume
     depth = image.shape[0]
-    train, val = grey_matter_dataset(crop_size=32, num_train=300, seed=0, max_instances=1000)
+    train, val = make(crop_size=32, num_train=300, seed=0, max_instances=1000)
     train_slices = np.unique(np.rint(train.images * (depth - 1)))
     val_slices = np.unique(np.rint(val.images * (depth - 1)))
     # Split at 75 of 100 slices; validation: every 8th slice from 83 on.
@@ -420,25 +457,25 @@ def test_load_dataset_names_size_for_grey_matter(slice_coded_volume):
 
 def test_missing_nilearn_says_how_to_install(monkeypatch):
     monkeypatch.setattr(data_lib.importlib.util, "find_spec", lambda name: None)
-    data_lib._load_grey_matter.cache_clear()
+    data_lib._load_mni.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"nilearn.*pip install 'adaptive-optax\[demo\]'"):
             grey_matter_volume()
     finally:
         monkeypatch.undo()
-        data_lib._load_grey_matter.cache_clear()
+        data_lib._load_mni.cache_clear()
 
 
 def test_missing_nibabel_says_how_to_install(monkeypatch):
     # A None entry in sys.modules makes `import nibabel` raise ImportError.
     monkeypatch.setitem(sys.modules, "nibabel", None)
-    data_lib._load_grey_matter.cache_clear()
+    data_lib._load_mni.cache_clear()
     try:
         with pytest.raises(ImportError, match=r"nibabel.*pip install 'adaptive-optax\[demo\]'"):
             grey_matter_dataset(num_train=1)
     finally:
         monkeypatch.undo()
-        data_lib._load_grey_matter.cache_clear()
+        data_lib._load_mni.cache_clear()
 
 
 # --- 3D nuclei (the confirmation set of issue 15) ---------------------------
@@ -691,5 +728,6 @@ def test_load_nuclei():
 
 
 def test_load_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"\['grey_matter', 'nuclei', 'nuclei_3d', 'shapes'\]"):
+    names = r"\['grey_matter', 'nuclei', 'nuclei_3d', 'shapes', 'white_matter'\]"
+    with pytest.raises(ValueError, match=names):
         load_dataset("mnist")

@@ -145,13 +145,20 @@ def test_adaptive_guard_keeps_a_given_rollback_guard(monkeypatch):
 
 # -- the strategies of the learning-rate grid ------------------------------------------------
 
+def _square_value_fn(params, loss_weights):
+    """A trial objective for the lookahead strategies' updates; the others ignore it."""
+    loss = sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params))
+    return loss, loss
+
+
 def _base_rates(tx, steps):
     """The base rate each of ``steps`` updates used (update ``t`` uses the schedule at ``t``)."""
     params = {"w": jnp.ones(3)}
     state, rates = tx.init(params), []
     update = jax.jit(tx.update)  # eager updates take ~0.1 s each
     for _ in range(steps):
-        _, state = update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0))
+        _, state = update({"w": jnp.full(3, 0.01)}, state, params, value=jnp.float32(1.0),
+                          value_fn=_square_value_fn)
         rates.append(ao.state_field(state, "base_learning_rate"))
     return [float(r) for r in rates]
 
@@ -258,13 +265,45 @@ def test_the_escape_wrappers_are_recommended_around_the_rate_free_optimizers(nam
     assert counts[name] >= 1 and counts[name.removeprefix("escape-")] == 0, counts
 
 
+def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypatch):
+    """escape-schedule-free's boosts leave schedule-free's averaging weights at the base
+    rate; lookahead-schedule-free is the same with the preset's lookahead."""
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen[kwargs.get("lookahead") is not None] = kwargs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    for name in ("escape-schedule-free", "lookahead-schedule-free"):
+        strategies.make_optimizer(name, 1e-2, total_steps=20, accumulation_steps=4)
+    assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
+    assert ({k: v for k, v in seen[True].items() if k != "lookahead"}
+            == {k: v for k, v in seen[False].items() if k != "lookahead"})
+    monkeypatch.undo()
+    tx = strategies.make_optimizer("escape-schedule-free", 1e-2, total_steps=20, patience=0,
+                                   cooldown=0, boost_warmup_steps=0)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+    lrs = []
+    for _ in range(8):  # a constant value: every window after the first is a plateau
+        updates, state = tx.update({"w": jnp.full(3, 0.1)}, state, params, value=jnp.float32(1.0))
+        params = optax.apply_updates(params, updates)
+        lrs.append(float(optax.tree.get(state, "learning_rate")))
+    assert int(optax.tree.get(state, "intervention_count")) >= 1 and max(lrs) > 2e-2
+    # The rate after the 1-step warm-up (5 % of 20) is the base 1e-2 at most.
+    np.testing.assert_allclose(optax.tree.get(state, "ScheduleFreeState").max_lr, 1e-2,
+                               rtol=1e-6)
+
+
 def _schedule_free_run(optimizer=optax.adam, steps=5, name="schedule-free"):
     tx = strategies.make_optimizer(name, 1e-1, total_steps=20, optimizer=optimizer)
     params = {"w": jnp.ones(3)}
     state = tx.init(params)
     for i in range(steps):
         updates, state = tx.update({"w": jnp.array([0.1, -0.2, 0.3]) * (i + 1)}, state, params,
-                                   value=jnp.float32(1.0))
+                                   value=jnp.float32(1.0), value_fn=_square_value_fn)
         params = optax.apply_updates(params, updates)
     return params, state
 
