@@ -11,9 +11,10 @@ the detector (:mod:`~adaptive_optax.plateau`), the policy
 gradient-norm EMA (:mod:`~adaptive_optax.grad_norm`), the rollback guard
 (:mod:`~adaptive_optax.rollback`), the lookahead that tries candidate
 interventions before committing one (:mod:`~adaptive_optax.lookahead`), the
-state (:mod:`~adaptive_optax.state`),
-the update (:mod:`~adaptive_optax.transform`), the presets
-(:mod:`~adaptive_optax.presets`) and the multi-device helpers
+state (:mod:`~adaptive_optax.state`), the update
+(:mod:`~adaptive_optax.transform`), the presets (:mod:`~adaptive_optax.presets`),
+a schedule-free inner optimizer whose average ignores the boosts
+(:mod:`~adaptive_optax.schedule_free`) and the multi-device helpers
 (:mod:`adaptive_optax.parallel`, imported on its own). The segmentation
 application built on it (losses, U-Net, train step, data, training loop,
 strategies, demo; it needs flax) is :mod:`adaptive_optax.segmentation`; its
@@ -27,6 +28,7 @@ from adaptive_optax.lookahead import NO_LOOKAHEAD, Candidate, Lookahead, Lookahe
 from adaptive_optax.plateau import PlateauDetector, PlateauState, WindowEvent
 from adaptive_optax.policy import InterventionPolicy, InterventionState
 from adaptive_optax.rollback import NO_GUARD, NoGuard, RollbackGuard, RollbackState
+from adaptive_optax.schedule_free import boost_neutral_schedule_free
 from adaptive_optax.state import PlateauEscapeState, find_state, state_field
 from adaptive_optax.transform import plateau_escape
 
@@ -49,6 +51,7 @@ __all__ = [
     "RollbackState",
     "WindowEvent",
     "boost_multiplier",
+    "boost_neutral_schedule_free",
     "find_state",
     "global_norm",
     "plateau_escape",
