@@ -34,13 +34,18 @@ data set and listed in the SGD table too (same runs). Under SGD,
 ``schedule-free`` is ``schedule_free_sgd`` (its ``b1`` averaging replaces the
 momentum). ``escape-prodigy`` and ``escape-schedule-free`` are ``recommended``'s
 plateau escape around those two, on their grids (``escape-prodigy`` shared by
-both tables like ``prodigy``). Every other strategy wraps the same optimizer.
+both tables like ``prodigy``; ``escape-schedule-free``'s average is weighted by
+the base rate, not the boosted one: ``adaptive_optax.boost_neutral_schedule_free``),
+and ``lookahead-schedule-free`` is ``escape-schedule-free`` with the preset's
+lookahead. Every other strategy wraps the same optimizer.
 
 Model and data. ``_common.TinyConvNet`` (three 3x3 convolutions, width 8,
 737 parameters; width 16, 2.6k parameters, costs 1.3x per step and does not
 fit the budget below at a converged step count), 32x32 crops, batch 8, 256
 training crops per data set (``adaptive_optax.segmentation.data.load_dataset``: shapes,
-nuclei, grey_matter by default; any name of ``DATASET_NAMES``), evaluated
+nuclei, grey_matter by default, the sets the defaults were chosen on; any
+name of ``DATASET_NAMES``, such as the confirmation sets nuclei_3d and
+white_matter), evaluated
 once at the end on the held-out validation set. Loss: the mix of
 dice/focal/variance/bce that the optimizer state holds (``loss_weights``);
 monitored value: the fixed reference mix ``policy.initial_mix`` (as
@@ -71,15 +76,15 @@ dispatches it and its intra-op threads do not speed up the tiny convolutions,
 so intra-op threading is off and ``--threads`` host threads each drive a
 share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
 one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
-~40 s), the full run (90 grids: prodigy and escape-prodigy are shared by both
-optimizers) ~55 min on 2 idle cores. Per-step monitored loss, learning
+~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids: prodigy
+and escape-prodigy are shared by both optimizers) ~60 min on 2 idle cores. Per-step monitored loss, learning
 rate, interventions and rollbacks are written into on-device arrays inside
 the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::
 
-    python benchmarks/lr_grid.py                   # the full grid (~55 min on 2 idle cores)
+    python benchmarks/lr_grid.py                   # the full grid (~60 min on 2 idle cores)
     python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
     python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
         --strategies constant,cosine,recommended --out grid.json --plot grid.png

@@ -10,6 +10,11 @@ baselines (strategies that are not plateau escape: ``constant``, ``cosine``,
 2. tuned: its best over the grid >= the best tuned baseline - 0.005;
 3. safety: no post-intervention jump >= 1.5x.
 
+Next to the jump, the table gives its noise floor: the largest rise of one
+window's mean monitored loss over the previous window's in the ``constant``
+runs of the same panel, which never intervene (``natural_rise``). A jump
+below it cannot be told apart from the run's own spikes.
+
 Several files can be merged (a full run of the baselines and a later run of
 ``recommended`` alone, say). The runs are deterministic, so a strategy that
 appears in two files must have identical per-seed results there: this is
@@ -71,6 +76,22 @@ def _jump(result: dict) -> float | None:
     return None if value in (None, "-") else float(value)
 
 
+def natural_rise(result: dict | None) -> float | None:
+    """The largest ``window[w] / window[w - 1]`` of the mean monitored loss, over
+    every run and window of ``result`` (``lr_grid.py``'s ``monitor_window_means``,
+    ``[rate, seed, window]``), or None without them."""
+    means = None if result is None else result.get("monitor_window_means")
+    if not means:
+        return None
+    worst = None
+    for per_seed in means:
+        for windows in per_seed:
+            for before, after in zip(windows, windows[1:]):
+                if before > 0 and after == after and before == before:  # skip NaN
+                    worst = after / before if worst is None else max(worst, after / before)
+    return worst
+
+
 def check(by_strategy: dict, candidate: str = "recommended") -> list[list]:
     """One row per target: the candidate's figure, the baseline's, and whether it is met."""
     baselines = {s: by_strategy[s]["summary"] for s in BASELINES if s in by_strategy}
@@ -80,6 +101,8 @@ def check(by_strategy: dict, candidate: str = "recommended") -> list[list]:
     best_mean = max(baselines, key=lambda s: baselines[s]["grid mean"])
     best_tuned = max(baselines, key=lambda s: baselines[s]["tuned dice"])
     jump = _jump(by_strategy[candidate])
+    rise = natural_rise(by_strategy.get("constant"))
+    floor = "-" if rise is None else f"constant's own rise {rise:.3f}"
     return [
         ["grid mean >= every baseline's", f"{mine['grid mean']:.3f}",
          f"{baselines[best_mean]['grid mean']:.3f} ({best_mean})",
@@ -88,7 +111,7 @@ def check(by_strategy: dict, candidate: str = "recommended") -> list[list]:
          f"{baselines[best_tuned]['tuned dice']:.3f} ({best_tuned})",
          "yes" if mine["tuned dice"] >= baselines[best_tuned]["tuned dice"] - TUNED_SLACK
          else "NO"],
-        [f"largest jump < {JUMP_LIMIT}x", "-" if jump is None else f"{jump:.3f}", "-",
+        [f"largest jump < {JUMP_LIMIT}x", "-" if jump is None else f"{jump:.3f}", floor,
          "yes" if jump is None or jump < JUMP_LIMIT else "NO"],
     ]
 

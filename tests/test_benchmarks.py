@@ -242,6 +242,13 @@ def test_lr_grid_targets_checks_and_refuses_mixed_runs(tmp_path):
     # grid mean 0.74 < 0.75 (schedule-free); tuned 0.836 >= 0.84 - 0.005; jump 1.6 >= 1.5.
     assert [r[-1] for r in rows] == ["NO", "yes", "NO"]
     assert "schedule-free" in rows[0][2]
+    assert rows[2][2] == "-"  # no window means: no noise floor
+    # The noise floor: constant's largest rise of a window over the previous one.
+    constant = dict(base["constant"], monitor_window_means=[[[1.0, 0.5, 0.8, 0.4],
+                                                             [1.0, float("nan"), 0.9, 0.3]]])
+    assert T.natural_rise(constant) == pytest.approx(1.6)
+    rows = T.check({**base, **rec, "constant": constant})
+    assert rows[2][2] == "constant's own rise 1.600"
     # The same strategy with other results in two files: not the same runs.
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"results": {"shapes": {"adam": {
