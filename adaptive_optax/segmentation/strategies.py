@@ -76,9 +76,9 @@ from adaptive_optax import presets
 from adaptive_optax._validation import check_float, check_int
 from adaptive_optax.policy import InterventionPolicy
 from adaptive_optax.rollback import RollbackGuard
+from adaptive_optax.schedule_free import boost_neutral_schedule_free
 from adaptive_optax.segmentation.policies import adaptive_mix_policy, scripted_policy
 from adaptive_optax.state import find_state
-from adaptive_optax.schedule_free import boost_neutral_schedule_free
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
@@ -292,7 +292,8 @@ def make_optimizer(
             (patience 2, accumulation_steps 1, cooldown 1, rtol 1e-4,
             max_interventions 3, seed 0); for the strategies built on the
             preset (``recommended``, ``recommended-restore``, ``lookahead``,
-            ``escape-prodigy``, ``escape-schedule-free``) its options come
+            ``escape-prodigy``, ``escape-schedule-free``,
+            ``lookahead-schedule-free``) its options come
             between the defaults and yours. ``policy=None`` is the strategy's policy
             (:func:`policy_for`). The non-intervening strategies always get
             ``max_interventions=0``.
@@ -334,7 +335,9 @@ def make_optimizer(
     # A closure over the rate, not optax's schedule(peak) builders: those test
     # the peak in Python (warmup_cosine_decay_schedule's `peak_value == 0`),
     # which a traced rate cannot answer.
-    base = lambda step: learning_rate * shape(step)  # noqa: E731
+    def base(step):
+        return learning_rate * shape(step)
+
     if strategy in SCHEDULE_FREE and strategy in INTERVENING:
         # Boosts drive z's steps but not the average's weights (adaptive_optax.schedule_free).
         inner = boost_neutral_schedule_free(
