@@ -259,9 +259,8 @@ def test_the_escape_wrappers_are_recommended_around_the_rate_free_optimizers(nam
     assert counts[name] >= 1 and counts[name.removeprefix("escape-")] == 0, counts
 
 
-def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypatch):
-    """escape-schedule-free's boosts leave schedule-free's averaging weights at the base
-    rate; lookahead-schedule-free is the same with the preset's lookahead."""
+def _options_by_lookahead(monkeypatch, names):
+    """``{has a lookahead: plateau_escape's keywords}`` of make_optimizer for ``names``."""
     seen = {}
     real = strategies.plateau_escape
 
@@ -270,12 +269,19 @@ def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(strategies, "plateau_escape", spy)
-    for name in ("escape-schedule-free", "lookahead-schedule-free"):
-        strategies.make_optimizer(name, 1e-2, total_steps=20, accumulation_steps=4)
+    for name in names:
+        strategies.make_optimizer(name, 1e-3, total_steps=20, accumulation_steps=4)
+    monkeypatch.undo()
+    return seen
+
+
+def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypatch):
+    """escape-schedule-free's boosts leave schedule-free's averaging weights at the base
+    rate; lookahead-schedule-free is the same with the preset's lookahead."""
+    seen = _options_by_lookahead(monkeypatch, ("escape-schedule-free", "lookahead-schedule-free"))
     assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
     assert ({k: v for k, v in seen[True].items() if k != "lookahead"}
             == {k: v for k, v in seen[False].items() if k != "lookahead"})
-    monkeypatch.undo()
     tx = strategies.make_optimizer("escape-schedule-free", 1e-2, total_steps=20, patience=0,
                                    cooldown=0, boost_warmup_steps=0)
     params = {"w": jnp.ones(3)}
@@ -482,16 +488,7 @@ def test_inner_keywords_given_twice_or_unknown_are_refused():
 
 
 def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
-    seen = {}
-    real = strategies.plateau_escape
-
-    def spy(*args, **kwargs):
-        seen[kwargs.get("lookahead") is not None] = kwargs
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(strategies, "plateau_escape", spy)
-    for name in ("recommended", "lookahead"):
-        strategies.make_optimizer(name, 1e-3, total_steps=10, accumulation_steps=4)
+    seen = _options_by_lookahead(monkeypatch, ("recommended", "lookahead"))
     assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
     assert {k: v for k, v in seen[True].items() if k != "lookahead"} == seen[False]
     tx = strategies.make_optimizer("lookahead", 1e-3, total_steps=10)
