@@ -1,4 +1,4 @@
-"""boost_neutral_schedule_free: optax's schedule-free with its average's weights kept from boosts."""
+"""boost_neutral_schedule_free: optax's schedule-free, its average weighted by the base rate."""
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +62,8 @@ def test_a_boost_scales_the_steps_but_not_the_averaging_weights(variant):
     # The boost still drives z: for SGD, z moves by -(boosted rate) * gradient.
     if variant == "sgd":
         boosted = int(np.argmax(lrs))
-        z = [optax.tree.get(steps[i][1], "ScheduleFreeState").z["w"] for i in (boosted - 1, boosted)]
+        z = [optax.tree.get(steps[i][1], "ScheduleFreeState").z["w"]
+             for i in (boosted - 1, boosted)]
         np.testing.assert_allclose(z[1] - z[0], -lrs[boosted] * steps[boosted][0]["w"], rtol=1e-5)
 
 
