@@ -132,9 +132,9 @@ label map:
     posterior) with the mask ``wm >= 128`` (16 % of the box). The training
     slab is the inferior three quarters, the validation crops tile every 8th
     slice of the superior quarter from 8 slices past the split (4 slices of
-    2x2 tiles at 64, 16 crops). Over the default sets 27 % (training)
-    and 15 % (validation) of the pixels are foreground. White matter is the brightest tissue
-    of a T1 image: the best threshold (``t1 >= 196``) reaches a Dice of 0.96
+    2x2 tiles at 64, 16 crops). Over the default sets 27 % (training) and
+    15 % (validation) of the pixels are foreground. White matter is the
+    brightest tissue of a T1 image: the best threshold (``t1 >= 196``) reaches a Dice of 0.96
     in the brain. This is the **second confirmation set of issue 15**, added
     after ``nuclei_3d`` had confirmed two choices: it shares the template
     with ``grey_matter`` (the image, not the task, the orientation or the
@@ -142,8 +142,8 @@ label map:
 
 The ``"nuclei"`` and ``"nuclei_3d"`` files are read with ``tifffile`` and ``stardist`` is never
 imported (importing it pulls in TensorFlow/CSBDeep machinery); the
-``"grey_matter"`` files are read with ``nibabel`` and ``nilearn`` is never
-imported either. Install them all with ``pip install 'adaptive-optax[demo]'``.
+``"grey_matter"`` and ``"white_matter"`` files are read with ``nibabel`` and
+``nilearn`` is never imported either. Install them all with ``pip install 'adaptive-optax[demo]'``.
 Nothing here downloads anything.
 
 Batching: :func:`batches` yields fixed-shape batches (the remainder of an
@@ -194,7 +194,7 @@ _INSTALL_HINT = "install the demo extras with: pip install 'adaptive-optax[demo]
 _NUCLEI_LOW_PERCENTILE = 1.0
 _NUCLEI_HIGH_PERCENTILE = 99.8
 
-# The two volumes of the MNI152 template that the nilearn wheel bundles.
+# The volumes of the MNI152 template that the nilearn wheel bundles.
 _MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 _MNI_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 _MNI_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
