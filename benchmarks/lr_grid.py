@@ -45,8 +45,7 @@ fit the budget below at a converged step count), 32x32 crops, batch 8, 256
 training crops per data set (``adaptive_optax.segmentation.data.load_dataset``: shapes,
 nuclei, grey_matter by default, the sets the defaults were chosen on; any
 name of ``DATASET_NAMES``, such as the confirmation sets nuclei_3d and
-white_matter), evaluated
-once at the end on the held-out validation set. Loss: the mix of
+white_matter), evaluated once at the end on the held-out validation set. Loss: the mix of
 dice/focal/variance/bce that the optimizer state holds (``loss_weights``);
 monitored value: the fixed reference mix ``policy.initial_mix`` (as
 ``adaptive_optax.segmentation.train`` does).
@@ -76,8 +75,9 @@ dispatches it and its intra-op threads do not speed up the tiny convolutions,
 so intra-op threading is off and ``--threads`` host threads each drive a
 share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
 one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
-~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids: prodigy
-and escape-prodigy are shared by both optimizers) ~60 min on 2 idle cores. Per-step monitored loss, learning
+~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids:
+prodigy and escape-prodigy are shared by both optimizers) ~60 min on 2 idle
+cores (estimated, not timed as one run). Per-step monitored loss, learning
 rate, interventions and rollbacks are written into on-device arrays inside
 the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
