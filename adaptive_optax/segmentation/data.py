@@ -198,6 +198,10 @@ _NUCLEI_HIGH_PERCENTILE = 99.8
 _MNI_T1_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 _MNI_GM_FILE = "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz"
 _MNI_WM_FILE = "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz"
+# Per tissue: its map, and the voxel axes (x, y, z) of its slices, rows and columns
+# before the rows are reversed: grey matter as coronal slices [y, z, x] (superior
+# side on the first row), white matter as axial slices [z, y, x] (anterior first).
+_MNI_TISSUES = {"grey": (_MNI_GM_FILE, (1, 2, 0)), "white": (_MNI_WM_FILE, (2, 1, 0))}
 # uint8 probability codes: 128/255 is the first code above one half.
 _TISSUE_THRESHOLD = 128
 # Validation slices: every 8th slice of the validation slab, the first one
@@ -666,7 +670,7 @@ def _load_mni(tissue: str) -> tuple[np.ndarray, np.ndarray]:
         raise ImportError(
             f"the {dataset!r} data set needs nibabel to read its volumes; {_INSTALL_HINT}"
         ) from err
-    tissue_file = _MNI_GM_FILE if tissue == "grey" else _MNI_WM_FILE
+    tissue_file, axes = _MNI_TISSUES[tissue]
     paths = _bundled_files(
         "nilearn", dataset, os.path.join("datasets", "data"), (_MNI_T1_FILE, tissue_file)
     )
@@ -684,14 +688,11 @@ def _load_mni(tissue: str) -> tuple[np.ndarray, np.ndarray]:
         others = tuple(a for a in range(3) if a != axis)
         inside = np.flatnonzero((t1 > 0).any(axis=others))
         box.append(slice(inside[0], inside[-1] + 1))
-    if tissue == "grey":  # coronal slices [y, z, x], superior side on the first row
-        t1 = t1[tuple(box)].transpose(1, 2, 0)[:, ::-1]
-        tissue_map = tissue_map[tuple(box)].transpose(1, 2, 0)[:, ::-1]
-    else:  # axial slices [z, y, x], anterior side on the first row
-        t1 = t1[tuple(box)].transpose(2, 1, 0)[:, ::-1]
-        tissue_map = tissue_map[tuple(box)].transpose(2, 1, 0)[:, ::-1]
-    image = np.ascontiguousarray((t1.astype(np.float32) / 255.0).astype(np.float32))
-    mask = np.ascontiguousarray(tissue_map >= _TISSUE_THRESHOLD)
+    def sliced(volume: np.ndarray) -> np.ndarray:  # the box, as the tissue's slices
+        return volume[tuple(box)].transpose(axes)[:, ::-1]
+
+    image = np.ascontiguousarray((sliced(t1).astype(np.float32) / 255.0).astype(np.float32))
+    mask = np.ascontiguousarray(sliced(tissue_map) >= _TISSUE_THRESHOLD)
     # Cached arrays are shared; freeze them so no caller can corrupt the cache.
     image.setflags(write=False)
     mask.setflags(write=False)
