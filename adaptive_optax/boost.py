@@ -6,13 +6,17 @@ multiplier a function of the steps since the latest intervention ``t``:
 * warm-up (``warmup_steps = W > 0``): linear from the multiplier in force
   just before the intervention to the boost, reaching it at ``t = W``. The
   ramp starts from the old rate, not from 0, so the learning rate never drops
-  at an intervention. Recommended with an optimizer reset: a fresh Adam state
-  at a high rate is the classic loss-spike recipe.
+  at a boost (a lookahead's cut, a boost below 1, ramps down the same way).
+  Recommended with an optimizer reset: a fresh Adam state at a high rate is
+  the classic loss-spike recipe.
 * then hold (``decay_steps=None``): the boost stays until the next
   intervention; or decay: linear from the boost back to 1 (the bare base
   schedule) over ``decay_steps`` steps.
 
-Boosts are always relative to the base schedule, never compounded.
+Boosts are always relative to the base schedule, never compounded; a
+lookahead's cut (:class:`~adaptive_optax.lookahead.Candidate` ``cut``) is
+taken of the multiplier in force, so cuts compound, and with ``decay_steps``
+a cut relaxes back to the base schedule like a boost.
 """
 
 from __future__ import annotations

@@ -9,10 +9,13 @@ after its trial. The trials' parameters and optimizer states are discarded:
 the real step then proceeds with the chosen boost and mix.
 
 * **Candidates** are :class:`Candidate` specs, relative to the decision: a
-  factor on the policy's ``boost - 1`` and a mix (the policy's, the current
-  one, the next planned one, or a row of the mix table). The default is the
-  policy's choice, no boost (the base rate and the current mix), half and
-  twice the policy's boost, and the policy's boost with the next planned mix.
+  factor on the policy's ``boost - 1``, or a cut of the rate in force
+  (``Candidate(cut=0.3)``: 0.3 times the multiplier in force, so cuts
+  compound like ``optax.contrib.reduce_on_plateau``'s), and a mix (the
+  policy's, the current one, the next planned one, or a row of the mix
+  table). The default is the policy's choice, no boost (the base rate and
+  the current mix), half and twice the policy's boost, and the policy's
+  boost with the next planned mix.
   The first candidate is the incumbent: another one replaces it only when its
   trial value is better by more than ``rtol * |incumbent| + atol``.
 * **The trial** follows what committing would do: the rate at trial step ``t``
@@ -68,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adaptive_optax._validation import check_float, check_int
+from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.inner_optimizer import reset_where, with_learning_rate
 from adaptive_optax.policy import Decision
 
@@ -109,21 +112,41 @@ class Candidate:
         mix: ``"policy"`` (the decision's mix), ``"current"`` (the mix in
             use), ``"next"`` (the mix the plan holds for the intervention
             after this one) or a row index of the policy's ``all_mixes``.
+        cut: ``None`` (default), or a factor in ``(0, 1]`` on the multiplier
+            in force: the candidate cuts the rate instead of boosting it
+            (``boost_scale`` must then stay 1). It is relative to the rate
+            in force, not to the base, so repeated cuts compound (0.3, then
+            0.09) as ``optax.contrib.reduce_on_plateau``'s do, while a boost
+            is always relative to the base. ``cut=1`` holds the rate in force.
+            A boost cannot rescue a rate that is too high; a cut can, and a
+            trial tells the two apart: where the rate is stable the trial's
+            few steps favour the larger rate, where it is not they favour the cut.
 
     Raises:
-        ValueError: If ``boost_scale`` is outside ``[0, 1000]`` or ``mix`` is not one of these.
+        ValueError: If ``boost_scale`` is outside ``[0, 1000]``, ``cut``
+            outside ``(0, 1]``, both are given, or ``mix`` is not one of these.
 
     Example:
         >>> Candidate(0.5).boost_scale, Candidate(0.5).mix
         (0.5, 'policy')
+        >>> Candidate(cut=0.3).label
+        'cut x0.3'
     """
 
     boost_scale: float = 1.0
     mix: str | int = "policy"
+    cut: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "boost_scale", check_float(
             "boost_scale", self.boost_scale, low=0.0, high=MAX_BOOST_SCALE))
+        if self.cut is not None:
+            object.__setattr__(self, "cut", check_float("cut", self.cut, low=0.0, high=1.0,
+                                                        low_open=True))
+            if self.boost_scale != 1.0:
+                raise ValueError("a candidate either boosts (boost_scale) or cuts (cut), got "
+                                 f"boost_scale = {self.boost_scale!r} and cut = {self.cut!r}; "
+                                 "leave boost_scale at 1 with a cut.")
         if isinstance(self.mix, str):
             if self.mix not in _MIX_WORDS:
                 raise ValueError(f"mix must be one of {_MIX_WORDS} or a row index of the "
@@ -138,23 +161,38 @@ class Candidate:
         """A short name for logs and tables.
 
         ``"policy"`` (the policy's choice), ``"no boost"``, ``"x<scale>"`` for
-        another boost with the policy's mix, with the mix appended when it is
-        not the policy's (``"x1 next"``, ``"x0.5 mix 2"``; ``"no boost"``
-        already means the current mix).
+        another boost with the policy's mix, ``"cut x<factor>"`` for a cut
+        (``"hold"`` for ``cut=1``), with the mix appended when it is not the
+        policy's (``"x1 next"``, ``"x0.5 mix 2"``; ``"no boost"`` already
+        means the current mix).
 
         Example:
             >>> [c.label for c in DEFAULT_CANDIDATES]
             ['policy', 'no boost', 'x0.5', 'x2', 'x1 next']
         """
-        if self.boost_scale == 1.0 and self.mix == "policy":
+        if self.cut is not None:
+            name = "hold" if self.cut == 1.0 else f"cut x{self.cut:g}"
+        elif self.boost_scale == 1.0 and self.mix == "policy":
             return "policy"
-        name = "no boost" if self.boost_scale == 0.0 else f"x{self.boost_scale:g}"
-        if self.mix == "policy" or (self.boost_scale == 0.0 and self.mix == "current"):
+        else:
+            name = "no boost" if self.boost_scale == 0.0 else f"x{self.boost_scale:g}"
+        if self.mix == "policy" or (name == "no boost" and self.mix == "current"):
             return name
         return f"{name} {self.mix}" if isinstance(self.mix, str) else f"{name} mix {self.mix}"
 
-    def boost(self, policy_boost: jax.Array) -> jax.Array:
-        """This candidate's boost for the policy's ``policy_boost`` (exact at scale 0 and 1)."""
+    def boost(self, policy_boost: jax.Array, multiplier: jax.Array | float = 1.0) -> jax.Array:
+        """This candidate's boost (exact at scale 0 and 1).
+
+        Args:
+            policy_boost: The policy's boost, a multiplier on the base rate.
+            multiplier: The multiplier in force before the intervention (what a cut cuts).
+
+        Returns:
+            A float32 scalar multiplier on the base rate.
+        """
+        if self.cut is not None:
+            cut = jnp.asarray(multiplier, jnp.float32) * jnp.float32(self.cut)
+            return jnp.maximum(cut, np.finfo(np.float32).tiny).astype(jnp.float32)
         if self.boost_scale == 0.0:
             return jnp.ones([], jnp.float32)
         if self.boost_scale == 1.0:
@@ -194,6 +232,14 @@ class Lookahead:
             (``candidates[0]``) to replace it, ``>= 0``: a counter to the
             trials' short-horizon bias towards small rates.
         atol: Absolute margin, ``>= 0``.
+        ramp: ``True`` (default): a trial follows the boost's warm-up ramp,
+            the rates the first ``steps`` steps after committing would take.
+            ``False``: a trial takes each candidate's boost at once, the rate
+            the ramp ends at: with a ramp of one window, a 4-step trial then
+            tests the rate the run would hold, not the first few percent of
+            the way to it (a sharper test of whether that rate is stable, and
+            a stronger short-horizon bias against boosts). Without a ramp
+            (``boost_warmup_steps=0``) both are the same.
 
     Raises:
         ValueError: If an argument is out of range; the message names it.
@@ -211,6 +257,7 @@ class Lookahead:
     batch_axis_name: Hashable | None = None
     rtol: float = 0.0
     atol: float = 0.0
+    ramp: bool = True
 
     def __post_init__(self):
         check_int("steps", self.steps, minimum=1, maximum=MAX_TRIAL_STEPS)
@@ -239,6 +286,7 @@ class Lookahead:
                              f"batch_axis_name = {self.batch_axis_name!r}.")
         check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)
         check_float("atol", self.atol, low=0.0, high=math.inf, high_open=True)
+        check_bool("ramp", self.ramp)
 
     def init(self) -> LookaheadState:
         """The record before any trial: NaN values and choice -1."""
@@ -292,8 +340,8 @@ class BoundLookahead:
         return extra_args
 
     def choose(self, intervene: jax.Array, decision: Decision, record: LookaheadState, *,
-               before, grad_norm: jax.Array, params, optimizer_state,
-               rate: Callable[[jax.Array, jax.Array], jax.Array], value_fn: Callable,
+               before, grad_norm: jax.Array, multiplier: jax.Array, params, optimizer_state,
+               rate: Callable[[jax.Array, jax.Array, bool], jax.Array], value_fn: Callable,
                extra_args: dict) -> tuple[Decision, LookaheadState]:
         """The decision to commit and the new record; trials only where ``intervene``.
 
@@ -303,10 +351,13 @@ class BoundLookahead:
             record: The record before this step.
             before: The :class:`~adaptive_optax.policy.InterventionState` before this step.
             grad_norm: The gradient-norm EMA (for the next planned mix).
+            multiplier: The learning-rate multiplier in force before this step
+                (what a :class:`Candidate` ``cut`` cuts).
             params: The parameters the trials start from.
             optimizer_state: The inner optimizer state the trials start from.
-            rate: ``rate(boost, t)``: the learning rate ``t`` steps after
-                committing ``boost``.
+            rate: ``rate(boost, t, ramp)``: the learning rate ``t`` steps
+                after committing ``boost``, along the warm-up ramp or (``ramp``
+                False) at the boost itself.
             value_fn: ``value_fn(params, loss_weights) -> (loss, monitored)``.
             extra_args: The inner optimizer's extra arguments.
 
@@ -316,7 +367,7 @@ class BoundLookahead:
             off a plateau).
         """
         def trial():
-            boosts, mixes = self._candidates(decision, before, grad_norm)
+            boosts, mixes = self._candidates(decision, before, grad_norm, multiplier)
             unique, slot = self._unique()
             # The trials start from the inner state the committed step will use:
             # re-initialised where this intervention resets the optimizer.
@@ -336,13 +387,13 @@ class BoundLookahead:
         boost, mix, record = jax.lax.cond(intervene, trial, passthrough)
         return decision._replace(boost=boost, mix_index=mix), record
 
-    def _candidates(self, decision, before, grad_norm) -> tuple[jax.Array, jax.Array]:
+    def _candidates(self, decision, before, grad_norm, multiplier) -> tuple[jax.Array, jax.Array]:
         """float32 [K] boosts and int32 [K] mix rows of the candidates."""
         upcoming = before._replace(intervention_count=before.intervention_count + 1,
                                    force_final_mix=jnp.zeros([], jnp.bool_))
         mixes = {"policy": decision.mix_index, "current": before.mix_index,
                  "next": self.policy.decide(upcoming, grad_norm, self.max_interventions).mix_index}
-        boosts = [c.boost(decision.boost) for c in self.config.candidates]
+        boosts = [c.boost(decision.boost, multiplier) for c in self.config.candidates]
         rows = [mixes[c.mix] if isinstance(c.mix, str) else c.mix for c in self.config.candidates]
         return (jnp.stack([jnp.asarray(b, jnp.float32) for b in boosts]),
                 jnp.stack([jnp.asarray(r, jnp.int32) for r in rows]))
@@ -355,7 +406,7 @@ class BoundLookahead:
         """
         table = np.asarray(self.policy.all_mixes)
         one_mix = table.shape[1] == 0 or bool((table == table[:1]).all())
-        keys = [(c.boost_scale, None if one_mix else c.mix) for c in self.config.candidates]
+        keys = [(c.boost_scale, c.cut, None if one_mix else c.mix) for c in self.config.candidates]
         first = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)
@@ -377,7 +428,7 @@ class BoundLookahead:
                 p, s = carry
                 (_, monitored), grads = grad_fn(p, weights)
                 grads, monitored = mean(grads), mean(jnp.asarray(monitored, jnp.float32))
-                s = with_learning_rate(s, rate(boost, t))
+                s = with_learning_rate(s, rate(boost, t, self.config.ramp))
                 updates, s = self.optimizer.update(grads, s, p, value=monitored, **extra_args)
                 return (optax.apply_updates(p, updates), s), monitored
 

@@ -336,7 +336,7 @@ class InterventionPolicy:
             intervene: bool []: the step intervenes.
             step: The step's index (the boost's ramp starts there).
             multiplier_now: The multiplier in force before the intervention
-                (the ramp starts from it, so the rate never drops).
+                (the ramp starts from it, so a boost never drops the rate).
 
         Returns:
             The new record; ``lr_multiplier`` is left for the caller's ramp.

@@ -237,12 +237,17 @@ def plateau_escape(
         lr = base * multiplier
         return lr if max_learning_rate is None else jnp.minimum(lr, max_learning_rate)
 
-    def committed_rate(before, step, boost, t):
-        """The rate ``t`` steps after committing ``boost`` at ``step`` (what a trial takes)."""
+    def committed_rate(before, step, boost, t, ramped=True):
+        """The rate ``t`` steps after committing ``boost`` at ``step`` (what a trial takes).
+
+        ``ramped=False``: the boost at once, as if the warm-up ramp had ended.
+        """
+        base = jnp.asarray(schedule(step + t), jnp.float32)
+        if not ramped:
+            return effective_lr(base, boost)
         record = before._replace(boost_from=ramp.multiplier(before, step), boost_to=boost,
                                  boost_step=step)
-        return effective_lr(jnp.asarray(schedule(step + t), jnp.float32),
-                            ramp.multiplier(record, step + t))
+        return effective_lr(base, ramp.multiplier(record, step + t))
 
     def norm_of(updates, grad_state):
         """The EMA with this step's norm, and whether the step's update is applied."""
@@ -289,12 +294,13 @@ def plateau_escape(
         intervene = (event.plateau & (before.intervention_count < max_interventions)
                      & guard.permits(guard_state, verdict))
         decision = policy.decide(before, grad_state.grad_norm_ema, max_interventions)
+        multiplier_now = ramp.multiplier(before, step)
         decision, trial_record = lookahead.choose(
             intervene, decision, state.lookahead, before=before,
-            grad_norm=grad_state.grad_norm_ema, params=params,
+            grad_norm=grad_state.grad_norm_ema, multiplier=multiplier_now, params=params,
             optimizer_state=state.optimizer_state, value_fn=value_fn, extra_args=extra_args,
             rate=functools.partial(committed_rate, before, step))
-        after = policy.apply(before, decision, intervene, step, ramp.multiplier(before, step))
+        after = policy.apply(before, decision, intervene, step, multiplier_now)
         after = guard.revert(after, guard_state, verdict)
         after = after._replace(lr_multiplier=ramp.multiplier(after, step))
 

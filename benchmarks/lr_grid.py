@@ -242,6 +242,8 @@ def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctio
         options.update(presets.recommended_options(cfg.window))
     if strategy == "recommended-restore":  # ... with the guard that restores the parameters
         options["rollback"] = RollbackGuard()
+    if strategy in LOOKAHEAD:  # the lookahead preset is under test: its settings win too
+        options.update(presets.recommended_options(cfg.window, lookahead=True))
     if strategy == "lookahead":  # the row's trial length, the default's other settings
         options["lookahead"] = dataclasses.replace(DEFAULT_LOOKAHEAD, steps=trial_rows(cfg)[row])
 
@@ -696,9 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     # "recommended" is whatever the preset says today: record it with the results.
     preset = {k: repr(v) for k, v in presets.recommended_options(cfg.window).items()}
     print(f"# recommended = plateau_escape(**{preset})")
+    with_lookahead = {k: repr(v) for k, v in
+                      presets.recommended_options(cfg.window, lookahead=True).items()}
+    print(f"# lookahead rows = plateau_escape(**{with_lookahead})")
     started = time.perf_counter()
     out: dict[str, Any] = {"environment": env, "args": vars(cfg), "recommended_options": preset,
-                           "results": {}, "convergence": {}}
+                           "lookahead_options": with_lookahead, "results": {}, "convergence": {}}
     panels: dict[tuple[str, str], dict[str, dict]] = {}
     for data_name in cfg.data:
         loaded = load(data_name, cfg)

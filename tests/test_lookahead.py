@@ -144,14 +144,17 @@ def test_every_candidate_nonfinite_falls_back_to_no_boost():
     assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.05)
 
 
+@pytest.mark.parametrize("candidate", [POLICY_CHOICE, Candidate(cut=0.3)], ids=["boost", "cut"])
 @pytest.mark.parametrize("reset", [False, True])
-def test_a_single_candidates_trial_is_the_run_it_commits_including_an_optimizer_reset(reset):
+def test_a_single_candidates_trial_is_the_run_it_commits_including_an_optimizer_reset(
+        reset, candidate):
     # SGD with momentum: a reset at the intervention zeroes the momentum, which a
-    # trial that started from the accumulated momentum would not predict.
+    # trial that started from the accumulated momentum would not predict. The
+    # ramp (2 steps) makes the trial's rate change from step to step.
     tx = ao.plateau_escape(optax.sgd, 0.05, optimizer_kwargs={"momentum": 0.9}, patience=0,
-                           boost_warmup_steps=0, max_interventions=1, rollback=None,
+                           boost_warmup_steps=2, max_interventions=1, rollback=None,
                            policy=fixed_policy(reset_optimizer=(reset,)),
-                           lookahead=Lookahead(steps=3, candidates=(POLICY_CHOICE,)))
+                           lookahead=Lookahead(steps=3, candidates=(candidate,)))
     params, state = run(tx, steps=FIRST_TRIAL)  # the last of these steps intervened
     assert int(optax.tree.get(state, "intervention_count")) == 1
     curve = np.asarray(ao.state_field(state, "trial_curves"))[0]
@@ -189,6 +192,48 @@ def test_one_candidate_equal_to_the_policy_is_plain_plateau_escape_bit_for_bit(g
     assert int(optax.tree.get(state_tried, "trial_choice")) == 0
     chex.assert_trees_all_equal(params_tried, params)
     chex.assert_trees_all_equal(state_tried._replace(lookahead=optax.EmptyState()), state)
+
+
+def test_an_unramped_trial_is_the_run_that_takes_the_boost_at_once():
+    # The trial of Lookahead(ramp=False) under a 5-step ramp follows the run whose boost
+    # is immediate (boost_warmup_steps=0) over its 3 steps, not the ramped run.
+    def make(warmup, ramp=True):
+        return ao.plateau_escape(optax.sgd, 0.05, optimizer_kwargs={"momentum": 0.9},
+                                 patience=0, boost_warmup_steps=warmup, max_interventions=1,
+                                 rollback=None, policy=fixed_policy(),
+                                 lookahead=Lookahead(steps=3, candidates=(POLICY_CHOICE,),
+                                                     ramp=ramp))
+
+    _, state = run(make(5, ramp=False), steps=FIRST_TRIAL)
+    curve = np.asarray(ao.state_field(state, "trial_curves"))[0]
+    at_once = [float(loss(run(make(0), steps=FIRST_TRIAL - 1 + k)[0])) for k in range(4)]
+    ramped = [float(loss(run(make(5), steps=FIRST_TRIAL - 1 + k)[0])) for k in range(4)]
+    np.testing.assert_allclose(curve, at_once, rtol=1e-5)
+    assert not np.allclose(curve[1:], ramped[1:], rtol=1e-3)
+
+
+def test_a_cut_rescues_a_rate_past_the_stability_edge_where_no_boost_can():
+    # Base rate 1.2: 1.2 * h_max = 2.4 > 2, so the base rate and every boost diverge;
+    # half of it (0.6) converges. The cut wins the trial and the rate drops to it.
+    candidates = (POLICY_CHOICE, NO_BOOST, Candidate(cut=0.5))
+    _, state = run(make_tx(rate=1.2, lookahead=Lookahead(steps=4, candidates=candidates)),
+                   steps=FIRST_TRIAL)
+    values, choice = trial(state)
+    assert choice == 2 == int(np.nanargmin(values))
+    assert values[2] < values[1] and not values[0] < values[1]
+    assert float(ao.state_field(state, "boost_to")) == pytest.approx(0.5)
+    assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.6)
+
+
+def test_cuts_compound_on_the_rate_in_force_while_boosts_stay_relative_to_the_base():
+    cut = Lookahead(steps=1, candidates=(Candidate(cut=0.5),))
+    _, state = run(make_tx(rate=0.4, lookahead=cut), steps=6)
+    assert int(optax.tree.get(state, "intervention_count")) == 3
+    assert float(ao.state_field(state, "boost_to")) == pytest.approx(0.125)
+    assert float(optax.tree.get(state, "learning_rate")) == pytest.approx(0.4 * 0.125)
+    boost = Lookahead(steps=1, candidates=(POLICY_CHOICE,))
+    _, state = run(make_tx(rate=0.01, lookahead=boost), steps=6)
+    assert float(ao.state_field(state, "boost_to")) == pytest.approx(5.0)  # not 5 ** 3
 
 
 def test_a_whole_run_with_several_trials_compiles_once():
@@ -360,10 +405,32 @@ def test_missing_value_fn_or_params_is_a_clear_error():
     (dict(batch_axis_name=["batch"]), ValueError, "batch_axis_name"),
     (dict(rtol=-0.1), ValueError, "rtol"),
     (dict(atol=float("inf")), ValueError, "atol"),
+    (dict(ramp="no"), TypeError, "ramp"),
 ])
 def test_invalid_lookahead_raises_at_construction(kwargs, exc, name):
     with pytest.raises(exc, match=name):
         Lookahead(**kwargs)
+
+
+def test_cut_labels_and_boosts():
+    assert Candidate(cut=0.3).label == "cut x0.3"
+    assert Candidate(cut=1.0).label == "hold"
+    assert Candidate(cut=0.3, mix="current").label == "cut x0.3 current"
+    assert Candidate(cut=0.5, mix=2).label == "cut x0.5 mix 2"
+    assert float(Candidate(cut=0.5).boost(jnp.float32(5.0), jnp.float32(3.0))) == 1.5
+    assert float(Candidate(cut=1.0).boost(jnp.float32(5.0), jnp.float32(3.0))) == 3.0
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(cut=0.0), r"cut must be a finite number in \(0, 1\]"),
+    (dict(cut=1.5), r"cut must be a finite number in \(0, 1\]"),
+    (dict(cut=float("nan")), "cut"),
+    (dict(cut=1e-50), "cut"),  # 0 in float32
+    (dict(cut=0.5, boost_scale=2.0), "either boosts.*boost_scale = 2.0 and cut = 0.5"),
+])
+def test_invalid_cuts_raise_at_construction(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Candidate(**kwargs)
 
 
 def test_invalid_candidates_raise_at_construction():
