@@ -20,7 +20,8 @@ the real step then proceeds with the chosen boost and mix.
   trial value is better by more than ``rtol * |incumbent| + atol``.
 * **The trial** follows what committing would do: the rate at trial step ``t``
   is the one the run would take ``t`` steps after the intervention (base
-  schedule, the boost's warm-up ramp, ``max_learning_rate``), injected with
+  schedule, the boost's warm-up ramp, ``max_learning_rate``; with
+  ``ramp=False`` the full boost from the first step), injected with
   ``with_learning_rate``; gradients come from ``value_fn``. It starts from the
   inner state the committed step uses: the current one, re-initialised when
   the policy resets the optimizer at this intervention. A candidate whose
