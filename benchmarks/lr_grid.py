@@ -76,15 +76,15 @@ so intra-op threading is off and ``--threads`` host threads each drive a
 share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
 one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
 ~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids:
-prodigy and escape-prodigy are shared by both optimizers) ~60 min on 2 idle
-cores (estimated, not timed as one run). Per-step monitored loss, learning
+prodigy and escape-prodigy are shared by both optimizers) took 3224 s
+(54 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``). Per-step monitored loss, learning
 rate, interventions and rollbacks are written into on-device arrays inside
 the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::
 
-    python benchmarks/lr_grid.py                   # the full grid (~60 min on 2 idle cores)
+    python benchmarks/lr_grid.py                   # the full grid (54 min on 2 idle cores)
     python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
     python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
         --strategies constant,cosine,recommended --out grid.json --plot grid.png
