@@ -238,12 +238,10 @@ def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctio
     names = policy.loss_names
     options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
                    patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
-    if strategy in RECOMMENDED:  # the preset is under test: its own settings win
-        options.update(presets.recommended_options(cfg.window))
+    if strategy in RECOMMENDED or strategy in LOOKAHEAD:  # the preset is under test: it wins
+        options.update(presets.recommended_options(cfg.window, lookahead=strategy in LOOKAHEAD))
     if strategy == "recommended-restore":  # ... with the guard that restores the parameters
         options["rollback"] = RollbackGuard()
-    if strategy in LOOKAHEAD:  # the lookahead preset is under test: its settings win too
-        options.update(presets.recommended_options(cfg.window, lookahead=True))
     if strategy == "lookahead":  # the row's trial length, the default's other settings
         options["lookahead"] = dataclasses.replace(DEFAULT_LOOKAHEAD, steps=trial_rows(cfg)[row])
 

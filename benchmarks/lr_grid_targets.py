@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -87,7 +88,7 @@ def natural_rise(result: dict | None) -> float | None:
     for per_seed in means:
         for windows in per_seed:
             for before, after in zip(windows, windows[1:]):
-                if before > 0 and after == after and before == before:  # skip NaN
+                if before > 0 and not math.isnan(after):  # NaN before fails before > 0
                     worst = after / before if worst is None else max(worst, after / before)
     return worst
 
