@@ -1,0 +1,149 @@
+"""Tests for adaptive_optax.segmentation.textures: the grass-on-gravel crops."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from adaptive_optax.segmentation import data as data_lib
+from adaptive_optax.segmentation import textures as textures_lib
+from adaptive_optax.segmentation.data import load_dataset
+from adaptive_optax.segmentation.textures import textures_dataset, textures_images
+
+from test_data import assert_components, assert_well_formed
+
+needs_textures = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("skimage", "PIL", "scipy")),
+    reason="the textures data needs the [demo] extras (scikit-image, Pillow, scipy)",
+)
+
+
+@needs_textures
+def test_images_are_the_bundled_photographs_standardised():
+    grass, gravel = textures_images()
+    from PIL import Image
+
+    root = data_lib._package_dir("skimage", "textures")
+    for image, name in ((grass, "grass.png"), (gravel, "gravel.png")):
+        raw = np.asarray(Image.open(os.path.join(root, "data", name)), dtype=np.float64)
+        assert image.shape == raw.shape == (512, 512) and image.dtype == np.float32
+        # Same moments: no intensity statistic tells the two apart.
+        assert abs(image.mean() - 0.5) < 1e-4 and abs(image.std() - 0.15) < 1e-4
+        expected = 0.5 + 0.15 * (raw - raw.mean()) / raw.std()
+        np.testing.assert_allclose(image, np.clip(expected, 0, 1), atol=1e-5)
+    # The cache is frozen and the public copies are fresh.
+    grass[:] = 0.0
+    assert textures_images()[0].mean() > 0.4
+
+
+@needs_textures
+def test_default_recipe():
+    train, val = textures_dataset(num_train=64, seed=0)
+    assert_well_formed(train, 64, 32, 32)
+    assert_well_formed(val, 48, 32, 32)
+    assert_components(train.instances)
+    assert_components(val.instances)
+    for part in (train, val):
+        fraction = part.masks.mean(axis=(1, 2, 3))
+        assert fraction.min() >= 0.15 and fraction.max() <= 0.55  # 20-50 % by quantile
+    # Validation tiles show grass under the mask and gravel elsewhere, at the
+    # same position of both photographs: 16 rows x 3 columns from column 400.
+    grass, gravel = textures_images()
+    tiles = [(y, x) for y in range(0, 512, 32) for x in (400, 432, 464)]
+    for k, (y, x) in enumerate(tiles):
+        mask = val.masks[k, ..., 0] > 0
+        window = (slice(y, y + 32), slice(x, x + 32))
+        np.testing.assert_array_equal(val.images[k, ..., 0],
+                                      np.where(mask, grass[window], gravel[window]))
+    # No intensity threshold beats predicting all foreground by much.
+    x, m = val.images.ravel(), val.masks.ravel() > 0
+    best = max(2 * (p & m).sum() / (p.sum() + m.sum())
+               for t in np.linspace(0, 1, 51) for p in (x >= t, x < t))
+    everything = 2 * m.sum() / (m.size + m.sum())
+    assert best < everything + 0.03
+
+
+@needs_textures
+def test_deterministic_by_seed_with_a_seed_free_validation_set():
+    a, val_a = textures_dataset(num_train=8, seed=1)
+    b, _ = textures_dataset(num_train=8, seed=1)
+    c, val_c = textures_dataset(num_train=8, seed=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.images, c.images)
+    assert not np.array_equal(a.masks, c.masks)
+    for x, y in zip(val_a, val_c):
+        np.testing.assert_array_equal(x, y)
+    # Augmentation is drawn either way, so it changes the crops' orientation only.
+    plain, _ = textures_dataset(num_train=8, seed=1, augment=False)
+    assert sorted(plain.masks.sum(axis=(1, 2, 3))) == sorted(a.masks.sum(axis=(1, 2, 3)))
+
+
+@pytest.fixture
+def column_coded(monkeypatch):
+    """Grass whose value is its column / 1000, gravel that plus 0.5."""
+    columns = np.broadcast_to(np.arange(512, dtype=np.float32) / 1000.0, (512, 512))
+    monkeypatch.setattr(textures_lib, "_load_textures", lambda: (columns, columns + 0.5))
+    return columns
+
+
+def test_training_and_validation_columns_are_disjoint(column_coded):
+    train, val = textures_dataset(crop_size=32, num_train=300, seed=0, max_instances=1000)
+
+    def columns(part, on):
+        values = part.images[..., 0][(part.masks[..., 0] > 0) == on]
+        return np.rint((values - (0.0 if on else 0.5)) * 1000.0)
+
+    for on in (True, False):  # grass and gravel alike
+        train_columns, val_columns = columns(train, on), columns(val, on)
+        assert train_columns.max() <= 383 and val_columns.min() >= 400
+        # The random windows reach both ends of the training region.
+        assert train_columns.min() < 8 and train_columns.max() > 375
+    # Grass and gravel windows are drawn independently, not at one position.
+    plain, _ = textures_dataset(crop_size=32, num_train=50, seed=0, augment=False)
+    on = plain.masks[..., 0] > 0
+    grass_left = np.rint(np.where(on, plain.images[..., 0], 9.0).min(axis=(1, 2)) * 1000)
+    gravel_left = np.rint((np.where(on, 9.0, plain.images[..., 0]).min(axis=(1, 2)) - 0.5) * 1000)
+    assert (np.abs(grass_left - gravel_left) > 31).mean() > 0.5
+
+
+def test_instances_are_capped_blobs_that_stay_foreground(column_coded):
+    capped, _ = textures_dataset(crop_size=64, num_train=32, seed=3, max_instances=1)
+    assert capped.instances.max() == 1
+    assert ((capped.masks[..., 0] > 0) >= (capped.instances > 0)).all()
+    assert (capped.masks[..., 0] > 0).sum() > (capped.instances > 0).sum()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"crop_size": 4}, "crop_size"),
+        ({"crop_size": 128}, "crop_size=128 does not fit"),
+        ({"val_fraction": 0.0}, "val_fraction"),
+        ({"val_fraction": 0.99}, "val_fraction=0.99"),
+        ({"num_train": 0}, "num_train"),
+        ({"max_instances": 0}, "max_instances"),
+        ({"seed": -1}, "seed"),
+        ({"augment": "yes"}, "augment"),
+    ],
+)
+def test_rejects_bad_args(column_coded, kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        textures_dataset(**kwargs)
+
+
+@needs_textures
+def test_load_dataset_textures():
+    assert "textures" in data_lib.DATASET_NAMES
+    train, val = load_dataset("textures", num_train=8, size=32)
+    assert_well_formed(train, 8, 32, 32)
+    assert_well_formed(val, 48, 32, 32)
+    _, val64 = load_dataset("textures", num_train=8, size=64)
+    assert val64.images.shape == (8, 64, 64, 1)
+    with pytest.raises(ValueError, match="num_val does not apply to 'textures'"):
+        load_dataset("textures", num_val=4)
+    with pytest.raises(ValueError, match="size = 200 is not a valid crop size for 'textures'"):
+        load_dataset("textures", size=200)
