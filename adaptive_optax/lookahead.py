@@ -208,6 +208,15 @@ DEFAULT_CANDIDATES = (POLICY_CHOICE, NO_BOOST, Candidate(0.5), Candidate(2.0),
                       Candidate(1.0, "next"))
 
 
+def _hashable(value) -> bool:
+    """Whether ``hash(value)`` works: a tuple is ``Hashable`` even when it holds a list."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Lookahead:
     """Try candidate interventions in-graph at a plateau and commit the best.
@@ -280,9 +289,10 @@ class Lookahead:
                 raise ValueError(f"candidates[{i}] must be a Candidate or a (boost_scale, mix) "
                                  f"pair, got {c!r}.")
         object.__setattr__(self, "candidates", tuple(specs))
-        if self.memory not in _MEMORY:
+        # A string, not an array: `np.array("map") in _MEMORY` compares elementwise.
+        if not isinstance(self.memory, str) or self.memory not in _MEMORY:
             raise ValueError(f"memory must be one of {_MEMORY}, got memory = {self.memory!r}.")
-        if self.batch_axis_name is not None and not isinstance(self.batch_axis_name, Hashable):
+        if self.batch_axis_name is not None and not _hashable(self.batch_axis_name):
             raise ValueError("batch_axis_name must be None or an axis name (hashable), got "
                              f"batch_axis_name = {self.batch_axis_name!r}.")
         check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)

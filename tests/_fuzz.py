@@ -8,7 +8,8 @@ Every constructor gets a valid baseline call. The pass then tries
 * seeded random combinations that change two or three arguments at once.
 
 A call that returns is also *used* once (an optimizer is initialised and
-updated twice, a detector updated, a U-Net applied to a tiny image), because
+updated twice, a detector updated, a U-Net applied to a tiny image, a
+lookahead or candidate tried at an intervention), because
 an argument that is accepted but fails later inside a JAX trace is exactly
 what the constructors' checks are there to prevent.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +44,13 @@ import optax
 from flax import nnx
 
 import adaptive_optax as ao
+from adaptive_optax.lookahead import (
+    MAX_CANDIDATES,
+    MAX_TRIAL_STEPS,
+    NO_BOOST,
+    NO_TRIAL,
+    POLICY_CHOICE,
+)
 from adaptive_optax.segmentation.policies import INITIAL_MIX, MIX_TABLE, scripted_policy
 from adaptive_optax.segmentation import strategies
 from adaptive_optax.segmentation.data import load_dataset, synthetic_shapes
@@ -125,14 +134,45 @@ def _value_fn(params, loss_weights):
     return loss, loss
 
 
-def use_tx(tx) -> None:
-    """Initialises ``tx`` and makes two updates (the second can intervene)."""
-    state = tx.init(_PARAMS)
+def _two_updates(tx, params, grads):
+    state = tx.init(params)
     for _ in range(2):
-        updates, state = tx.update(_GRADS, state, _PARAMS, value=1.0, value_fn=_value_fn)
+        updates, state = tx.update(grads, state, params, value=1.0, value_fn=_value_fn)
+    return updates, state
+
+
+def _check_finite(updates) -> None:
     jax.block_until_ready(updates)
     if not all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)):
         raise FloatingPointError("non-finite updates from a finite gradient")
+
+
+def use_tx(tx) -> None:
+    """Initialises ``tx`` and makes two updates (the second can intervene)."""
+    updates, _ = _two_updates(tx, _PARAMS, _GRADS)
+    _check_finite(updates)
+
+
+def use_lookahead(lookahead) -> None:
+    """Two updates of a plateau escape with ``lookahead``; the second intervenes and must try it.
+
+    A constant ``value`` with ``patience=0`` makes the second update a plateau,
+    so the candidates' trials run (in the ``lax.cond`` branch) and one is
+    committed. With a ``batch_axis_name`` the updates run under ``jax.vmap`` over
+    that axis (two replicas), which the trials' ``pmean`` needs. No rollback
+    guard (the RollbackGuard target uses one): it doubles the compile time
+    under ``vmap``, and the lookahead does not depend on it.
+    """
+    tx = ao.plateau_escape(optax.sgd, 0.1, patience=0, policy=scripted_policy(), rollback=None,
+                           lookahead=lookahead)
+    fn = functools.partial(_two_updates, tx)
+    if lookahead.batch_axis_name is not None:  # jitted: eager vmap compiles more
+        fn = jax.jit(jax.vmap(fn, in_axes=None, axis_size=2,
+                              axis_name=lookahead.batch_axis_name))
+    updates, state = fn(_PARAMS, _GRADS)
+    _check_finite(updates)
+    if bool(jnp.any(optax.tree.get(state, "trial_choice") == NO_TRIAL)):
+        raise RuntimeError("the intervention did not run the lookahead's trial")
 
 
 def use_detector(det) -> None:
@@ -163,6 +203,18 @@ class Target:
     baseline: dict[str, Any]
     pools: dict[str, list[tuple[Any, str]]]
     use: Callable[[Any], None] | None = None
+    combos: int | None = None  # random combinations; None: run()'s ``combos``
+
+
+# A candidate's mix: a word or a row of scripted_policy()'s table (5 rows, the one
+# use_lookahead binds). A row past the table (5, 2**62) is refused when
+# plateau_escape binds the lookahead ("candidates[0].mix = 5 is not a row",
+# tests/test_lookahead.py), the first place that knows the table: here it
+# would read as a late failure of a valid Candidate.
+MIX_SPECS = [("current", OK), ("next", OK), (4, OK), (np.int64(2), OK), (jnp.int32(1), ANY),
+             ("Policy", BAD), ("", BAD), (-1, BAD), (1.0, BAD), (1.5, BAD), (True, BAD),
+             (np.bool_(False), BAD), (("policy",), BAD)] + [
+    (v, BAD) for v in COMMON_BAD if not isinstance(v, tuple)]
 
 
 def targets() -> list[Target]:
@@ -316,6 +368,50 @@ def targets() -> list[Target]:
                dict(learning_rate=float_pool((1e-3,), (0.0, -1.0)),
                     total_steps=int_pool(1, (1, 100))),
                use=use_tx),
+        # Each use compiles an intervention with its trials (~0.7 s on CPU): the
+        # valid values are few and the combinations fewer than elsewhere.
+        Target("Lookahead", ao.Lookahead, dict(steps=1),
+               dict(
+                   steps=int_pool(1, (2,)) + [(MAX_TRIAL_STEPS + 1, BAD)],
+                   candidates=seq_pool(
+                       [(POLICY_CHOICE, NO_BOOST, ao.Candidate(cut=0.5)),
+                        [(0.5, "next"), (2.0, 4)]],
+                       [POLICY_CHOICE, (POLICY_CHOICE,) * (MAX_CANDIDATES + 1), (None,),
+                        ("policy",), ((1.0,),), ((1.0, "policy", None),), ([0.5, "policy"],),
+                        ((-1.0, "policy"),), ((float("nan"), "policy"),), ((True, "policy"),),
+                        ((1.0, "bogus"),), ((1.0, -1),), ((1.0, True),),
+                        np.array([POLICY_CHOICE])]),
+                   # "map" is what "auto" (the baseline) picks on CPU.
+                   memory=[("vmap", OK), (np.str_("map"), OK), ("VMAP", BAD), ("", BAD),
+                           (None, BAD), (1, BAD), (["map"], BAD), (np.array("map"), BAD),
+                           (np.array(["map", "vmap"]), BAD)],
+                   batch_axis_name=[("batch", OK), (["batch"], BAD), ({}, BAD), ({"batch"}, BAD),
+                                    ((["batch"],), BAD), (np.array(["batch"]), BAD)],
+                   rtol=float_pool((0.5,), (-0.1,), huge=ANY),
+                   atol=float_pool((0.5,), (-1.0,), huge=ANY),
+                   ramp=[(v, e) for v, e in bool_pool() if v is not True],  # True: the baseline
+                   bogus_option=[(1, BAD)],
+               ),
+               use=use_lookahead, combos=8),
+        # A candidate boosts or cuts, never both: one target each, so that no random
+        # combination of two valid values is an invalid pair.
+        Target("Candidate", ao.Candidate, {},
+               dict(
+                   # 0.5 and 2 are in the Lookahead target's candidates pool.
+                   boost_scale=float_pool((1000.0,), (-0.1, 1000.5)),
+                   mix=MIX_SPECS,
+                   bogus_option=[(1, BAD)],
+               ),
+               use=lambda c: use_lookahead(ao.Lookahead(steps=1, candidates=(c,))), combos=5),
+        # cut=None is the other target's baseline (valid here too): not in this pool.
+        Target("Candidate[cut]", ao.Candidate, dict(cut=0.5),
+               dict(
+                   cut=[(v, e) for v, e in float_pool((1.0,), (0.0, -0.5, 1.5, 1e-50))
+                        if v is not None],
+                   boost_scale=[(np.float32(1.0), OK), (0.5, BAD), (0.0, BAD),
+                                (2.0, BAD), (float("nan"), BAD), (None, BAD), ("1", BAD)],
+               ),
+               use=lambda c: use_lookahead(ao.Lookahead(steps=1, candidates=(c,))), combos=5),
     ]
 
 
@@ -375,7 +471,8 @@ def run(*, combos: int = 25, seed: int = 0) -> list[Outcome]:
     """Runs the whole pass; returns one outcome per case."""
     outcomes = []
     for i, target in enumerate(targets()):
-        for case in cases(target, combos=combos, seed=seed + i):
+        n = combos if target.combos is None else target.combos
+        for case in cases(target, combos=n, seed=seed + i):
             outcomes.append(classify(target, case))
     return outcomes
 

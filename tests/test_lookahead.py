@@ -397,12 +397,17 @@ def test_missing_value_fn_or_params_is_a_clear_error():
     (dict(steps=0), ValueError, "steps"),
     (dict(steps=2.5), TypeError, "steps"),
     (dict(memory="disk"), ValueError, "memory"),
+    # Found by tests/_fuzz.py: an array compared elementwise, accepted or failing unnamed.
+    (dict(memory=np.array("map")), ValueError, "memory must be one of"),
+    (dict(memory=np.array(["map", "vmap"])), ValueError, "memory must be one of"),
     (dict(candidates=()), ValueError, "candidates"),
     (dict(candidates=POLICY_CHOICE), ValueError, "candidates"),
     (dict(candidates=((-1.0, "policy"),)), ValueError, r"candidates\[0\].*boost_scale"),
     (dict(candidates=((1.0, "bogus"),)), ValueError, r"candidates\[0\].*mix"),
     (dict(candidates=("policy",)), ValueError, r"candidates\[0\]"),
     (dict(batch_axis_name=["batch"]), ValueError, "batch_axis_name"),
+    # A tuple is `Hashable` even when it holds a list: it failed at the first update.
+    (dict(batch_axis_name=(["batch"],)), ValueError, "batch_axis_name must be None or"),
     (dict(rtol=-0.1), ValueError, "rtol"),
     (dict(atol=float("inf")), ValueError, "atol"),
     (dict(ramp="no"), TypeError, "ramp"),
