@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on batches per epoch (default: the whole training set)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="global batch size")
     p.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="base learning rate (Adam); prodigy and escape-prodigy ignore it and "
+                   help="base learning rate (Adam); prodigy, escape-prodigy and lookahead-prodigy "
+                        "ignore it and "
                         "use prodigy's own estimate (multiplier 1)")
     p.add_argument("--patience", type=_non_negative_int, default=1,
                    help="non-improving epochs tolerated before a plateau")

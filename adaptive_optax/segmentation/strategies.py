@@ -51,6 +51,7 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        evaluate :func:`eval_params`
 ``lookahead-``         ``escape-schedule-free`` with ``lookahead=Lookahead()``
 ``schedule-free``      (the README's recommendation around schedule-free)
+``lookahead-prodigy``  ``escape-prodigy`` with ``lookahead=Lookahead()``
 =====================  ========================================================
 
 Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
@@ -84,23 +85,24 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
               "recommended-restore", "lookahead", "prodigy", "schedule-free",
-              "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free")
+              "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free",
+              "lookahead-prodigy")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
                "recommended-restore", "lookahead", "escape-prodigy", "escape-schedule-free",
-               "lookahead-schedule-free")
+               "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
 _ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free",
-                   "lookahead-schedule-free": "schedule-free"}
+                   "lookahead-schedule-free": "schedule-free", "lookahead-prodigy": "prodigy"}
 # The strategies that try each intervention first (the preset's Lookahead()).
-LOOKAHEAD = ("lookahead", "lookahead-schedule-free")
+LOOKAHEAD = ("lookahead", "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that evaluate schedule-free's averaged parameters (eval_params).
 SCHEDULE_FREE = ("schedule-free", "escape-schedule-free", "lookahead-schedule-free")
 # The strategies whose learning_rate is prodigy's multiplier of its own estimate, not a rate.
-RATE_FREE = ("prodigy", "escape-prodigy")
+RATE_FREE = ("prodigy", "escape-prodigy", "lookahead-prodigy")
 PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
@@ -293,7 +295,7 @@ def make_optimizer(
             max_interventions 3, seed 0); for the strategies built on the
             preset (``recommended``, ``recommended-restore``, ``lookahead``,
             ``escape-prodigy``, ``escape-schedule-free``,
-            ``lookahead-schedule-free``) its options come
+            ``lookahead-schedule-free``, ``lookahead-prodigy``) its options come
             between the defaults and yours. ``policy=None`` is the strategy's policy
             (:func:`policy_for`). The non-intervening strategies always get
             ``max_interventions=0``.

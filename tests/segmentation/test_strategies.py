@@ -297,6 +297,31 @@ def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypat
                                rtol=1e-6)
 
 
+def test_lookahead_prodigy_is_escape_prodigy_with_the_default_lookahead(monkeypatch):
+    seen = _options_by_lookahead(monkeypatch, ("escape-prodigy", "lookahead-prodigy"))
+    assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
+    assert ({k: v for k, v in seen[True].items() if k != "lookahead"}
+            == {k: v for k, v in seen[False].items() if k != "lookahead"})
+    assert strategies.learning_rate_for("lookahead-prodigy", 3e-4) == 1.0
+    with pytest.raises(ValueError, match="strategy 'lookahead-prodigy'.*optimizer = "):
+        strategies.make_optimizer("lookahead-prodigy", 1.0, total_steps=10, optimizer=optax.sgd)
+    tx = strategies.make_optimizer("lookahead-prodigy", 0.5, total_steps=20, patience=0,
+                                   cooldown=0)
+    params = {"w": jnp.ones(3)}
+    state = tx.init(params)
+
+    def value_fn(p, loss_weights):
+        loss = jnp.sum(p["w"] ** 2)
+        return loss, loss
+
+    for _ in range(6):  # a constant value: every window after the first is a plateau
+        updates, state = tx.update({"w": 2 * params["w"]}, state, params,
+                                   value=jnp.float32(1.0), value_fn=value_fn)
+        params = optax.apply_updates(params, updates)
+    assert optax.tree.get(state, "ProdigyState") is not None
+    assert int(optax.tree.get(state, "intervention_count")) >= 1
+
+
 def _schedule_free_run(optimizer=optax.adam, steps=5, name="schedule-free"):
     tx = strategies.make_optimizer(name, 1e-1, total_steps=20, optimizer=optimizer)
     params = {"w": jnp.ones(3)}
@@ -499,5 +524,5 @@ def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
 
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
 def test_a_run_wide_rate_goes_to_rate_strategies_and_prodigy_keeps_its_own_estimate(name):
-    expected = 1.0 if name in ("prodigy", "escape-prodigy") else 3e-4
+    expected = 1.0 if name in ("prodigy", "escape-prodigy", "lookahead-prodigy") else 3e-4
     assert strategies.learning_rate_for(name, 3e-4) == expected
