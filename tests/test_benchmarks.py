@@ -221,6 +221,19 @@ def test_lr_grid_refuses_bad_trial_steps(argv, message, monkeypatch):
     assert exit_info.value.code == 2 and message in err.getvalue()
 
 
+def test_lr_grid_default_run_leaves_out_only_the_opt_in_rows(monkeypatch):
+    sys.path.insert(0, BENCHMARKS)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    import lr_grid
+    from adaptive_optax.segmentation.strategies import STRATEGIES
+
+    default = lr_grid.parse_args([]).strategies
+    assert set(lr_grid.OPT_IN) <= set(STRATEGIES) and not set(lr_grid.OPT_IN) & set(default)
+    assert set(default) | set(lr_grid.OPT_IN) == set(STRATEGIES)
+    assert lr_grid.parse_args(["--strategies", "lookahead-prodigy"]).strategies == [
+        "lookahead-prodigy"]
+
+
 def _grid_result(tuned, mean, jump, final):
     return {"final_dice": final,
             "summary": {"tuned dice": tuned, "grid mean": mean, "jump max": jump}}
