@@ -48,8 +48,8 @@ nuclei, grey_matter by default, the sets the defaults were chosen on; any
 name of ``DATASET_NAMES``, such as the confirmation sets nuclei_3d,
 white_matter and textures), evaluated once at the end on the held-out
 validation set. Loss: the mix of dice/focal/variance/bce that the optimizer
-state holds (``loss_weights``); monitored value: the fixed reference mix ``policy.initial_mix`` (as
-``adaptive_optax.segmentation.train`` does).
+state holds (``loss_weights``); monitored value: the fixed reference mix
+``policy.initial_mix`` (as ``adaptive_optax.segmentation.train`` does).
 
 Step budget and plateau settings. 1000 steps: constant Adam at its best rate
 has converged on the default data sets by then (the trend of the last 10
@@ -58,9 +58,10 @@ nuclei, 0.8% grey_matter when the budget was chosen; at 600 steps
 grey_matter still improved by ~2% per window; the output prints the check).
 Windows (``accumulation_steps``) are 1/30 of the run (33 steps); patience 2,
 cooldown 1, and ``rtol=1e-3`` (for ``recommended`` unless its preset sets
-them): a window counts as better only if it beats the best by 0.1%, so a converged run whose window means wander by sampling noise
-(a few % per window here) is seen as a plateau -- the case where an
-intervention could hurt a tuned run.
+them): a window counts as better only if it beats the best by 0.1%, so a
+converged run whose window means wander by sampling noise (a few % per window
+here) is seen as a plateau -- the case where an intervention could hurt a
+tuned run.
 
 Speed (2 CPU cores). Each run's step is one jitted function of (run state,
 data, batch order) with the learning rate a traced value in the run state,
@@ -80,8 +81,8 @@ one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
 prodigy and escape-prodigy are shared by both optimizers) took 3224 s
 (54 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``); the
 opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
-of it. Per-step monitored loss, learning rate, interventions and rollbacks are written into on-device arrays inside
-the step and fetched once per grid. A persistent compilation cache
+of it. Per-step monitored loss, learning rate, interventions and rollbacks
+are written into on-device arrays inside the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::

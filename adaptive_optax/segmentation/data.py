@@ -147,15 +147,17 @@ label map:
     under random blob masks, so that only texture tells them apart. Training
     crops come from the left three quarters of both photographs, validation
     tiles from the right quarter past a 16-column gap. This is the **third
-    confirmation set of issue 15**: its recipe was fixed before any strategy
-    was trained on it, after the recommendation had been confirmed on
-    nuclei_3d and white_matter; it shares no image with the other sets.
+    confirmation set of issue 15**, added after the recommendation had been
+    confirmed on nuclei_3d and white_matter; its recipe was fixed once one
+    constant-Adam grid had shown that it learns, before any plateau-escape
+    row ran on it. It shares no image with the other sets.
 
 The ``"nuclei"`` and ``"nuclei_3d"`` files are read with ``tifffile`` and ``stardist`` is never
 imported (importing it pulls in TensorFlow/CSBDeep machinery); the
 ``"grey_matter"`` and ``"white_matter"`` files are read with ``nibabel`` and
 ``nilearn`` is never imported either; the ``"textures"`` files are read
-with Pillow and ``scikit-image`` is never imported. Install them all with ``pip install 'adaptive-optax[demo]'``.
+with Pillow and ``scikit-image`` is never imported. Install them all with
+``pip install 'adaptive-optax[demo]'``.
 Nothing here downloads anything.
 
 Batching: :func:`batches` yields fixed-shape batches (the remainder of an
@@ -772,8 +774,8 @@ def _components(mask: np.ndarray) -> np.ndarray:
         from scipy import ndimage
     except ImportError as err:
         raise ImportError(
-            "the 'grey_matter', 'textures' and 'white_matter' data sets need scipy for their instance "
-            f"labels; {_INSTALL_HINT}"
+            "the 'grey_matter', 'textures' and 'white_matter' data sets need scipy for "
+            f"their instance labels; {_INSTALL_HINT}"
         ) from err
     labels, _ = ndimage.label(mask)
     return labels.astype(np.int32)
