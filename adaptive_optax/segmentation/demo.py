@@ -42,7 +42,8 @@ from adaptive_optax.segmentation.unet import UNet
 from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND
 
 # What the one foreground class of each bundled data set is.
-_CLASS_NAMES = {"nuclei": "nucleus", "shapes": "shape"}
+_CLASS_NAMES = {"nuclei": "nucleus", "nuclei_3d": "nucleus", "shapes": "shape",
+                "grey_matter": "grey matter", "white_matter": "white matter", "textures": "grass"}
 # Options that do not change the numbers of a run, so --resume may differ in them.
 # The comparison run is not checkpointed (it is trained again, from scratch,
 # on --resume), so --compare is one of them.
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "quickest run. Ignored when it is --strategy. Not checkpointed: "
                         "--resume trains it again from scratch")
     p.add_argument("--data", choices=DATASET_NAMES, default="nuclei",
-                   help="bundled nuclei image (real) or synthetic shapes")
+                   help="bundled data set (nuclei: the real nucleus image; see "
+                        "adaptive_optax.segmentation.data)")
     p.add_argument("--epochs", type=_positive_int, default=40, help="training epochs")
     p.add_argument("--steps-per-epoch", type=_positive_int, default=None,
                    help="cap on batches per epoch (default: the whole training set)")

@@ -289,3 +289,10 @@ def test_an_intervention_line_names_each_candidates_trial_value_and_stars_the_wi
     nonfinite = demo.format_intervention(_event(trial_values=[float("nan")] * 2,
                                                 trial_choice=-2), two)
     assert nonfinite.endswith("policy nan, x3 nan (all non-finite: no boost)")
+
+
+def test_every_bundled_data_set_names_its_foreground_class():
+    from adaptive_optax.segmentation.data import DATASET_NAMES
+
+    assert set(demo._CLASS_NAMES) == set(DATASET_NAMES)
+    assert demo._CLASS_NAMES["textures"] == "grass"
