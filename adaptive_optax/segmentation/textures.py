@@ -177,16 +177,13 @@ def textures_dataset(
     corners = rng.integers(0, [height - crop_size + 1, split - crop_size + 1],
                            size=(num_train, 2, 2))  # [crop, (grass, gravel), (y, x)]
     masks = _blob_masks(rng, num_train, crop_size)
-    flips = rng.uniform(size=(num_train, 2)) < 0.5
-    rotations = rng.integers(0, 4, size=num_train)
-    train_images, train_masks = [], []
-    for (g, v), mask, flip, rotation in zip(corners, masks, flips, rotations):
-        image = np.where(mask, grass[g[0]:g[0] + crop_size, g[1]:g[1] + crop_size],
-                         gravel[v[0]:v[0] + crop_size, v[1]:v[1] + crop_size])
-        if augment:
-            image, mask = _data._augment(image, mask, flip, int(rotation))
-        train_images.append(image)
-        train_masks.append(mask)
+    composed = np.stack([
+        np.where(mask, grass[g[0]:g[0] + crop_size, g[1]:g[1] + crop_size],
+                 gravel[v[0]:v[0] + crop_size, v[1]:v[1] + crop_size])
+        for (g, v), mask in zip(corners, masks)])
+    # Each "window" is one composed crop; the helper draws and applies the augmentation.
+    train_images, train_masks = _data._training_crops(
+        composed, masks, list(range(num_train)), rng, augment)
 
     tiles = [(y, x) for y in range(0, height - crop_size + 1, crop_size)
              for x in range(val_start, width - crop_size + 1, crop_size)]
