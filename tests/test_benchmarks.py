@@ -254,6 +254,8 @@ def test_lr_grid_targets_checks_and_refuses_mixed_runs(tmp_path):
     rows = T.check(merged["shapes"]["adam"])
     # grid mean 0.74 < 0.75 (schedule-free); tuned 0.836 >= 0.84 - 0.005; jump 1.6 >= 1.5.
     assert [r[-1] for r in rows] == ["NO", "yes", "NO"]
+    assert T.count_met(merged) == (1, 3)
+    assert T.count_met(merged, datasets=("nuclei",)) == (0, 0)
     assert "schedule-free" in rows[0][2]
     assert rows[2][2] == "-"  # no window means: no noise floor
     # The noise floor: constant's largest rise of a window over the previous one.
