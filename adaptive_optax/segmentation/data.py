@@ -152,11 +152,22 @@ label map:
     constant-Adam grid had shown that it learns, before any plateau-escape
     row ran on it. It shares no image with the other sets.
 
+``"coins"`` (:mod:`adaptive_optax.segmentation.coins`)
+    The coins photograph that the ``scikit-image`` wheel bundles
+    (``skimage/data/coins.png``), with the coins that scikit-image's own
+    watershed segmentation finds as masks. Training crops come from the left
+    70 % of the columns, validation tiles from the rest past a 16-column gap
+    (27 crops at 32). The best intensity threshold gets Dice .965 on the
+    validation tiles. This is the **fourth confirmation set of issue 15**, held
+    back: its recipe was fixed once one constant-Adam grid had shown that it
+    learns, and no plateau-escape row has run on it.
+
 The ``"nuclei"`` and ``"nuclei_3d"`` files are read with ``tifffile`` and ``stardist`` is never
 imported (importing it pulls in TensorFlow/CSBDeep machinery); the
 ``"grey_matter"`` and ``"white_matter"`` files are read with ``nibabel`` and
 ``nilearn`` is never imported either; the ``"textures"`` files are read
-with Pillow and ``scikit-image`` is never imported. Install them all with
+with Pillow and ``scikit-image`` is never imported; ``"coins"`` uses
+scikit-image for its watershed. Install them all with
 ``pip install 'adaptive-optax[demo]'``.
 Nothing here downloads anything.
 
@@ -201,7 +212,7 @@ __all__ = [
 ]
 
 DATASET_NAMES: tuple[str, ...] = (
-    "grey_matter", "nuclei", "nuclei_3d", "shapes", "textures", "white_matter")
+    "coins", "grey_matter", "nuclei", "nuclei_3d", "shapes", "textures", "white_matter")
 
 _INSTALL_HINT = "install the demo extras with: pip install 'adaptive-optax[demo]'"
 
@@ -1184,6 +1195,10 @@ def load_dataset(
     in the same way (48 validation crops at size 32, 8 at size 64). The
     third confirmation set of issue 15.
 
+    ``"coins"``: :func:`adaptive_optax.segmentation.coins.coins_dataset` in
+    the same way (27 validation crops at size 32, 4 at size 64). The fourth
+    confirmation set of issue 15.
+
     ``"shapes"``: ``num_train`` (default 512) and ``num_val`` (default 64)
     images from :func:`synthetic_shapes`. The training set equals
     ``synthetic_shapes(num_train, seed=seed, ...)``; the validation set comes
@@ -1191,8 +1206,9 @@ def load_dataset(
     repeats training images.
 
     Args:
-        name: one of :data:`DATASET_NAMES`: ``"grey_matter"``, ``"nuclei"``,
-            ``"nuclei_3d"``, ``"shapes"``, ``"textures"`` or ``"white_matter"``.
+        name: one of :data:`DATASET_NAMES`: ``"coins"``, ``"grey_matter"``,
+            ``"nuclei"``, ``"nuclei_3d"``, ``"shapes"``, ``"textures"`` or
+            ``"white_matter"``.
         seed: data seed.
         size: image/crop height and width.
         num_train: number of training examples (``None`` for the default).
@@ -1226,6 +1242,10 @@ def load_dataset(
         from adaptive_optax.segmentation.textures import textures_dataset
 
         crops["textures"] = (textures_dataset, "columns")
+    if name == "coins":  # as textures
+        from adaptive_optax.segmentation.coins import coins_dataset
+
+        crops["coins"] = (coins_dataset, "columns")
     if name in crops:
         loader, held_out = crops[name]
         if num_val is not None:
