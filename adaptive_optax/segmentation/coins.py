@@ -19,7 +19,8 @@ This is the **fourth confirmation set of issue 15**, built after every
 earlier configuration had been measured. When it was added, nothing of plateau
 escape had run on it. One ``constant`` Adam grid checked that it learns and
 converges at the benchmark's budget (docs/benchmarks.md, "a fourth
-confirmation set, coins"), and then the recipe was frozen. It shares no image
+confirmation set, coins"), and then the recipe was frozen; the rows of the
+configurations chosen before it then ran once. It shares no image
 with the other sets. Unlike them, it needs scikit-image itself (for
 ``sobel`` and ``watershed``), not only its files.
 

@@ -158,9 +158,10 @@ label map:
     watershed segmentation finds as masks. Training crops come from the left
     70 % of the columns, validation tiles from the rest past a 16-column gap
     (27 crops at 32). The best intensity threshold gets Dice .965 on the
-    validation tiles. This is the **fourth confirmation set of issue 15**, held
-    back: its recipe was fixed once one constant-Adam grid had shown that it
-    learns, and no plateau-escape row has run on it.
+    validation tiles. This is the **fourth confirmation set of issue 15**: its
+    recipe was fixed once one constant-Adam grid had shown that it learns,
+    before any plateau-escape row ran on it; the rows of the configurations
+    chosen before it then ran once.
 
 The ``"nuclei"`` and ``"nuclei_3d"`` files are read with ``tifffile`` and ``stardist`` is never
 imported (importing it pulls in TensorFlow/CSBDeep machinery); the

@@ -728,6 +728,6 @@ def test_load_nuclei():
 
 
 def test_load_unknown_name_lists_choices():
-    names = r"\['grey_matter', 'nuclei', 'nuclei_3d', 'shapes', 'textures', 'white_matter'\]"
+    names = r"\['coins', 'grey_matter', 'nuclei', 'nuclei_3d', 'shapes', 'textures', 'white_matter'\]"
     with pytest.raises(ValueError, match=names):
         load_dataset("mnist")
