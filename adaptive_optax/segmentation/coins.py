@@ -50,7 +50,6 @@ import functools
 
 import numpy as np
 
-from adaptive_optax._validation import check_int
 from adaptive_optax.segmentation import data as _data
 
 __all__ = ["coins_dataset", "coins_image"]
@@ -154,30 +153,8 @@ def coins_dataset(
         >>> train.instances.dtype, val.images.shape[0]
         (dtype('int32'), 27)
     """
-    crop_size, num_train, max_instances, val_fraction, augment = _data._check_crop_options(
-        crop_size, num_train, max_instances, val_fraction, augment)
-    seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     image, labels = _load_coins()
-    height, width = image.shape
-    split = int(round(width * (1.0 - val_fraction)))
-    val_start = split + _VAL_GAP
-    if split < crop_size or width - val_start < crop_size or height < crop_size:
-        raise ValueError(
-            f"crop_size={crop_size} does not fit with val_fraction={val_fraction}: it leaves "
-            f"{split} training columns and {max(width - val_start, 0)} validation columns "
-            f"(after a {_VAL_GAP}-column gap) of {width}, {height} rows; each needs at "
-            f"least crop_size")
-
-    rng = np.random.default_rng(seed)
-    ys = rng.integers(0, height - crop_size + 1, size=num_train)
-    xs = rng.integers(0, split - crop_size + 1, size=num_train)
-    windows = [(slice(y, y + crop_size), slice(x, x + crop_size)) for y, x in zip(ys, xs)]
-    train_images, train_labels = _data._training_crops(image, labels, windows, rng, augment)
-
-    tiles = [(slice(y, y + crop_size), slice(x, x + crop_size))
-             for y in range(0, height - crop_size + 1, crop_size)
-             for x in range(val_start, width - crop_size + 1, crop_size)]
-    return (
-        _data._stack(train_images, train_labels, max_instances),
-        _data._stack([image[t] for t in tiles], [labels[t] for t in tiles], max_instances),
-    )
+    return _data._column_split_crops(image, labels, crop_size=crop_size, num_train=num_train,
+                                     seed=seed, val_fraction=val_fraction,
+                                     max_instances=max_instances, augment=augment,
+                                     gap=_VAL_GAP)

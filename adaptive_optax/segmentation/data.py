@@ -652,17 +652,44 @@ def nuclei_dataset(
         >>> train.images.shape, val.images.shape
         ((16, 64, 64, 1), (16, 64, 64, 1))
     """
-    crop_size, num_train, max_instances, val_fraction, augment = _check_crop_options(
-        crop_size, num_train, max_instances, val_fraction, augment)
     image, labels = _load_nuclei()
-    height, width = image.shape
+    return _column_split_crops(image, labels, crop_size=crop_size, num_train=num_train,
+                               seed=seed, val_fraction=val_fraction,
+                               max_instances=max_instances, augment=augment)
+
+
+def _column_regions(crop_size: int, height: int, width: int, val_fraction: float,
+                    gap: int = 0) -> tuple[int, int]:
+    """``(split, val_start)``: columns ``0 .. split - 1`` train, columns from
+    ``val_start = split + gap`` validate; refuses a crop that fits either badly."""
     split = int(round(width * (1.0 - val_fraction)))
-    if crop_size > height or split < crop_size or width - split < crop_size:
+    val_start = split + gap
+    if crop_size > height or split < crop_size or width - val_start < crop_size:
+        after_gap = f" after a {gap}-column gap" if gap else ""
         raise ValueError(
             f"crop_size={crop_size} does not fit: with val_fraction={val_fraction} "
             f"the training region has {split} and the validation region "
-            f"{width - split} of {width} columns ({height} rows)"
+            f"{max(width - val_start, 0)} of {width} columns{after_gap} ({height} rows)"
         )
+    return split, val_start
+
+
+def _column_tiles(height: int, width: int, crop_size: int, start: int) -> list[tuple]:
+    """Windows tiling columns ``start ..`` of an image without overlap, row by row."""
+    return [(slice(y, y + crop_size), slice(x, x + crop_size))
+            for y in range(0, height - crop_size + 1, crop_size)
+            for x in range(start, width - crop_size + 1, crop_size)]
+
+
+def _column_split_crops(image: np.ndarray, labels: np.ndarray, *, crop_size, num_train, seed,
+                        val_fraction, max_instances, augment, gap: int = 0,
+                        ) -> tuple[SegmentationData, SegmentationData]:
+    """Random training crops left of a column split and a tiling right of it (past
+    ``gap`` columns): :func:`nuclei_dataset` and ``coins_dataset``."""
+    crop_size, num_train, max_instances, val_fraction, augment = _check_crop_options(
+        crop_size, num_train, max_instances, val_fraction, augment)
+    height, width = image.shape
+    split, val_start = _column_regions(crop_size, height, width, val_fraction, gap)
 
     rng = np.random.default_rng(check_int("seed", seed, 0, maximum=2**63 - 1))
     ys = rng.integers(0, height - crop_size + 1, size=num_train)
@@ -670,16 +697,10 @@ def nuclei_dataset(
     windows = [(slice(y, y + crop_size), slice(x, x + crop_size)) for y, x in zip(ys, xs)]
     train_images, train_labels = _training_crops(image, labels, windows, rng, augment)
 
-    val_images, val_labels = [], []
-    for y in range(0, height - crop_size + 1, crop_size):
-        for x in range(split, width - crop_size + 1, crop_size):
-            window = (slice(y, y + crop_size), slice(x, x + crop_size))
-            val_images.append(image[window])
-            val_labels.append(labels[window])
-
+    tiles = _column_tiles(height, width, crop_size, val_start)
     return (
         _stack(train_images, train_labels, max_instances),
-        _stack(val_images, val_labels, max_instances),
+        _stack([image[t] for t in tiles], [labels[t] for t in tiles], max_instances),
     )
 
 

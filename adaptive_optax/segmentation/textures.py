@@ -164,14 +164,7 @@ def textures_dataset(
     seed = check_int("seed", seed, 0, maximum=2**63 - 1)
     grass, gravel = _load_textures()
     height, width = grass.shape
-    split = int(round(width * (1.0 - val_fraction)))
-    val_start = split + _VAL_GAP
-    if split < crop_size or width - val_start < crop_size:
-        raise ValueError(
-            f"crop_size={crop_size} does not fit with val_fraction={val_fraction}: it leaves "
-            f"{split} training columns and {max(width - val_start, 0)} validation columns "
-            f"(after a {_VAL_GAP}-column gap) of {width}; each needs at least crop_size"
-        )
+    split, val_start = _data._column_regions(crop_size, height, width, val_fraction, _VAL_GAP)
 
     rng = np.random.default_rng(seed)
     corners = rng.integers(0, [height - crop_size + 1, split - crop_size + 1],
@@ -185,12 +178,9 @@ def textures_dataset(
     train_images, train_masks = _data._training_crops(
         composed, masks, list(range(num_train)), rng, augment)
 
-    tiles = [(y, x) for y in range(0, height - crop_size + 1, crop_size)
-             for x in range(val_start, width - crop_size + 1, crop_size)]
+    tiles = _data._column_tiles(height, width, crop_size, val_start)
     val_masks = _blob_masks(np.random.default_rng(_VAL_SEED), len(tiles), crop_size)
-    val_images = [np.where(mask, grass[y:y + crop_size, x:x + crop_size],
-                           gravel[y:y + crop_size, x:x + crop_size])
-                  for (y, x), mask in zip(tiles, val_masks)]
+    val_images = [np.where(mask, grass[t], gravel[t]) for t, mask in zip(tiles, val_masks)]
     return (
         _data._stack(train_images, [_data._components(m) for m in train_masks], max_instances),
         _data._stack(val_images, [_data._components(m) for m in val_masks], max_instances),

@@ -13,7 +13,7 @@ from adaptive_optax.segmentation import data as data_lib
 from adaptive_optax.segmentation.coins import coins_dataset, coins_image
 from adaptive_optax.segmentation.data import load_dataset
 
-from test_data import assert_components, assert_well_formed
+from test_data import BAD_COLUMN_SPLIT_ARGS, assert_components, assert_well_formed
 
 needs_coins = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("skimage", "PIL", "scipy")),
@@ -110,19 +110,7 @@ def test_rows_of_the_tiling_are_cut_at_the_image_edge(column_coded):
     assert val.images.shape[0] == 4
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"crop_size": 4}, "crop_size"),
-        ({"crop_size": 128}, "crop_size=128 does not fit"),
-        ({"val_fraction": 0.0}, "val_fraction"),
-        ({"val_fraction": 0.99}, "val_fraction=0.99"),
-        ({"num_train": 0}, "num_train"),
-        ({"max_instances": 0}, "max_instances"),
-        ({"seed": -1}, "seed"),
-        ({"augment": "yes"}, "augment"),
-    ],
-)
+@pytest.mark.parametrize("kwargs, message", BAD_COLUMN_SPLIT_ARGS)
 def test_rejects_bad_args(column_coded, kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         coins_dataset(**kwargs)

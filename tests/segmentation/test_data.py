@@ -227,6 +227,20 @@ def test_nuclei_crops_relabel_and_cap(column_coded_image):
     assert_well_formed(uncapped, 16, 32, 1000)
 
 
+# Bad arguments of the loaders with a column split and a 16-column gap (textures,
+# coins), each with what its error must say; a 128 crop fits neither's validation region.
+BAD_COLUMN_SPLIT_ARGS = [
+    ({"crop_size": 4}, "crop_size"),
+    ({"crop_size": 128}, "crop_size=128 does not fit"),
+    ({"val_fraction": 0.0}, "val_fraction"),
+    ({"val_fraction": 0.99}, "val_fraction=0.99"),
+    ({"num_train": 0}, "num_train"),
+    ({"max_instances": 0}, "max_instances"),
+    ({"seed": -1}, "seed"),
+    ({"augment": "yes"}, "augment"),
+]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
