@@ -46,6 +46,21 @@ the real step then proceeds with the chosen boost and mix.
   where a vmapped convolution with per-candidate kernels becomes a grouped
   convolution (several times slower on XLA:CPU), and vmaps elsewhere. Candidates that are the same for
   the policy (the mix specs of a policy with a single mix) are tried once.
+* **Early trial** (``early_trial_window``): a rate that is too low improves
+  slowly but steadily, so its run never plateaus and no trial ever runs.
+  With ``early_trial_window=w``, the trial also runs at the close of plateau
+  window ``w`` when no intervention has happened yet and that window's mean
+  beat the best before it, but by less than ``early_trial_progress``
+  (relative): a slow start. A window that did not improve is not one: a rate
+  that is too high makes the loss rise or stall, and a boost would not help.
+  The trial asks whether a boost is faster than the rate as it is: the
+  candidates take their full boost from the first trial step (a ramp's first
+  few steps barely separate them), and the incumbent is :data:`NO_BOOST`. A
+  winning boost is committed as an intervention (counted, and watched by the
+  rollback guard); a win of "no boost" changes nothing, and an early trial
+  never resets the optimizer. A run that starts fast is left alone: at good
+  rates, a boost that a 4-step trial accepts this early can leave the run
+  stuck for good (docs/benchmarks.md, "the early trial").
 * **Data parallel**: with ``batch_axis_name``, the trial's gradients and values
   are ``jax.lax.pmean``-averaged over that axis (like
   ``optax.contrib.sam``'s), so every device runs the same trials and takes the
@@ -84,6 +99,7 @@ _MEMORY = ("auto", "vmap", "map")
 MAX_TRIAL_STEPS = 10_000
 MAX_CANDIDATES = 64
 MAX_BOOST_SCALE = 1e3
+MAX_EARLY_TRIAL_WINDOW = 1_000_000
 # trial_choice: before any trial, and when every candidate was non-finite.
 NO_TRIAL, ALL_NONFINITE = -1, -2
 
@@ -250,6 +266,19 @@ class Lookahead:
             the way to it (a sharper test of whether that rate is stable, and
             a stronger short-horizon bias against boosts). Without a ramp
             (``boost_warmup_steps=0``) both are the same.
+        early_trial_window: ``None`` (default): trials run at plateaus only.
+            An int ``w >= 2``: also at the close of plateau window ``w``
+            (window 1 has no best to compare with) when no intervention has
+            happened yet and the window improved, by less than
+            ``early_trial_progress``: the candidates at their full boost
+            against :data:`NO_BOOST`, which must be among ``candidates``
+            (see "Early trial" above).
+        early_trial_progress: The early trial runs when window
+            ``early_trial_window``'s mean beats the best before it by less than
+            this fraction of that best, in ``(0, 1]`` (``1``: whenever the
+            window improved at all); default 0.1, chosen on the
+            learning-rate grid with windows of 1/30 of the run
+            (docs/benchmarks.md).
 
     Raises:
         ValueError: If an argument is out of range; the message names it.
@@ -268,6 +297,8 @@ class Lookahead:
     rtol: float = 0.0
     atol: float = 0.0
     ramp: bool = True
+    early_trial_window: int | None = None
+    early_trial_progress: float = 0.1
 
     def __post_init__(self):
         check_int("steps", self.steps, minimum=1, maximum=MAX_TRIAL_STEPS)
@@ -298,6 +329,27 @@ class Lookahead:
         check_float("rtol", self.rtol, low=0.0, high=math.inf, high_open=True)
         check_float("atol", self.atol, low=0.0, high=math.inf, high_open=True)
         check_bool("ramp", self.ramp)
+        if self.early_trial_window is not None:
+            check_int("early_trial_window", self.early_trial_window, minimum=2,
+                      maximum=MAX_EARLY_TRIAL_WINDOW)
+            if NO_BOOST not in self.candidates:
+                raise ValueError(
+                    "early_trial_window needs NO_BOOST, Candidate(0.0, 'current'), among the "
+                    "candidates: an early trial keeps the rate as it is unless a boost beats it; "
+                    f"got candidates = {self.candidates!r}.")
+        check_float("early_trial_progress", self.early_trial_progress, low=0.0, high=1.0,
+                    low_open=True)
+
+    @property
+    def early_incumbent(self) -> int:
+        """The index of :data:`NO_BOOST` among the candidates (an early trial's incumbent).
+
+        Raises:
+            ValueError: If there is no early trial (``early_trial_window`` is None).
+        """
+        if self.early_trial_window is None:
+            raise ValueError("early_incumbent is defined only with early_trial_window set.")
+        return self.candidates.index(NO_BOOST)
 
     def init(self) -> LookaheadState:
         """The record before any trial: NaN values and choice -1."""
@@ -350,14 +402,44 @@ class BoundLookahead:
                 "evaluated on the probe batch (the trials start from params).")
         return extra_args
 
+    def early_trial(self, event, plateau_before, plateau, before) -> jax.Array:
+        """bool []: this step runs the early trial (see :class:`Lookahead`'s ``early_trial_window``).
+
+        Args:
+            event: The detector's :class:`~adaptive_optax.plateau.WindowEvent` of this step.
+            plateau_before: The detector's state before this step (its best so far).
+            plateau: The detector's state after this step (the window just closed).
+            before: The :class:`~adaptive_optax.policy.InterventionState` before this step.
+
+        Returns:
+            True on the close of window ``early_trial_window`` with a finite
+            mean, before any intervention, when that mean beats the best before
+            it, but by less than ``early_trial_progress`` of it; always False
+            without an early trial.
+        """
+        window = self.config.early_trial_window
+        if window is None:
+            return jnp.zeros([], jnp.bool_)
+        best = plateau_before.best_value
+        # sign * (best - mean) is the improvement in either mode; best is finite from window 1
+        # on. A window that did not improve is no slow start: a rate too high rises or stalls.
+        gain = self.sign * (best - plateau.window_value)
+        slow = (jnp.isfinite(best) & (gain > 0)
+                & (gain < self.config.early_trial_progress * jnp.abs(best)))
+        return (event.valid & (plateau.windows_completed == window)
+                & (before.intervention_count == 0) & slow)
+
     def choose(self, intervene: jax.Array, decision: Decision, record: LookaheadState, *,
                before, grad_norm: jax.Array, multiplier: jax.Array, params, optimizer_state,
                rate: Callable[[jax.Array, jax.Array, bool], jax.Array], value_fn: Callable,
-               extra_args: dict) -> tuple[Decision, LookaheadState]:
-        """The decision to commit and the new record; trials only where ``intervene``.
+               extra_args: dict, early: jax.Array | None = None,
+               ) -> tuple[Decision, LookaheadState, jax.Array]:
+        """The decision to commit, the new record and whether it is committed.
+
+        Trials run only where ``intervene`` or ``early``.
 
         Args:
-            intervene: bool []: this step intervenes (the trials' ``lax.cond`` predicate).
+            intervene: bool []: this step intervenes at a plateau.
             decision: The policy's :class:`~adaptive_optax.policy.Decision`.
             record: The record before this step.
             before: The :class:`~adaptive_optax.policy.InterventionState` before this step.
@@ -371,32 +453,42 @@ class BoundLookahead:
                 False) at the boost itself.
             value_fn: ``value_fn(params, loss_weights) -> (loss, monitored)``.
             extra_args: The inner optimizer's extra arguments.
+            early: bool []: this step runs the early trial (:meth:`early_trial`;
+                never together with ``intervene``), or None (no early trial).
 
         Returns:
-            ``(decision, record)``: the decision with the chosen boost and mix
-            (its reset unchanged), and the trial's record (``record`` unchanged
-            off a plateau).
+            ``(decision, record, commit)``: the decision with the chosen boost
+            and mix (its reset dropped at an early trial), the trial's record (``record``
+            unchanged without a trial), and bool []: the decision is
+            committed (``intervene``, or an early trial that a boost won).
         """
+        early = jnp.zeros([], jnp.bool_) if early is None else early
+        # An early trial never resets the optimizer: nothing is committed unless a boost wins.
+        reset = decision.reset & ~early
+        incumbent = (0 if self.config.early_trial_window is None
+                     else self.config.early_incumbent)
+
         def trial():
             boosts, mixes = self._candidates(decision, before, grad_norm, multiplier)
             unique, slot = self._unique()
             # The trials start from the inner state the committed step will use:
             # re-initialised where this intervention resets the optimizer.
-            start = reset_where(self.optimizer, optimizer_state, decision.reset, params)
+            start = reset_where(self.optimizer, optimizer_state, reset, params)
             curves = self._trials(boosts[unique], mixes[unique], params, start, rate,
-                                  value_fn, extra_args)[slot]
+                                  value_fn, extra_args, early)[slot]
             values = curves[:, -1]
-            choice = self._best(values)
+            choice = self._best(values, jnp.where(early, incumbent, 0))
             committed = jnp.clip(choice, 0)
             boost = jnp.where(choice >= 0, boosts[committed], 1.0).astype(jnp.float32)
             mix = jnp.where(choice >= 0, mixes[committed], before.mix_index).astype(jnp.int32)
-            return boost, mix, LookaheadState(values, curves, choice)
+            won = intervene | ((choice >= 0) & (choice != incumbent))
+            return boost, mix, LookaheadState(values, curves, choice), won
 
         def passthrough():
-            return decision.boost, decision.mix_index, record
+            return decision.boost, decision.mix_index, record, intervene
 
-        boost, mix, record = jax.lax.cond(intervene, trial, passthrough)
-        return decision._replace(boost=boost, mix_index=mix), record
+        boost, mix, record, commit = jax.lax.cond(intervene | early, trial, passthrough)
+        return decision._replace(boost=boost, mix_index=mix, reset=reset), record, commit
 
     def _candidates(self, decision, before, grad_norm, multiplier) -> tuple[jax.Array, jax.Array]:
         """float32 [K] boosts and int32 [K] mix rows of the candidates."""
@@ -425,8 +517,12 @@ class BoundLookahead:
         slot = [unique.index(first[key]) for key in keys]
         return np.asarray(unique, np.int32), np.asarray(slot, np.int32)
 
-    def _trials(self, boosts, mixes, params, optimizer_state, rate, value_fn, extra_args):
-        """float32 [K, steps + 1]: each candidate's monitored value over its trial."""
+    def _trials(self, boosts, mixes, params, optimizer_state, rate, value_fn, extra_args,
+                early):
+        """float32 [K, steps + 1]: each candidate's monitored value over its trial.
+
+        ``early`` (bool []): the trial takes each boost at once (``ramp=False``).
+        """
         axis = self.config.batch_axis_name
         mean = (lambda x: x) if axis is None else (lambda x: jax.lax.pmean(x, axis))
         grad_fn = jax.value_and_grad(value_fn, has_aux=True)
@@ -439,7 +535,10 @@ class BoundLookahead:
                 p, s = carry
                 (_, monitored), grads = grad_fn(p, weights)
                 grads, monitored = mean(grads), mean(jnp.asarray(monitored, jnp.float32))
-                s = with_learning_rate(s, rate(boost, t, self.config.ramp))
+                ramped = rate(boost, t, self.config.ramp)
+                if self.config.ramp and self.config.early_trial_window is not None:
+                    ramped = jnp.where(early, rate(boost, t, False), ramped)
+                s = with_learning_rate(s, ramped)
                 updates, s = self.optimizer.update(grads, s, p, value=monitored, **extra_args)
                 return (optax.apply_updates(p, updates), s), monitored
 
@@ -455,13 +554,13 @@ class BoundLookahead:
             return jax.vmap(run)((boosts, mixes))
         return jax.lax.map(run, (boosts, mixes))
 
-    def _best(self, values: jax.Array) -> jax.Array:
+    def _best(self, values: jax.Array, incumbent: jax.Array | int = 0) -> jax.Array:
         """int32 []: the committed candidate (mode-aware; the incumbent wins near-ties)."""
         score = jnp.where(jnp.isfinite(values), self.sign * values, jnp.inf)
         best = jnp.argmin(score).astype(jnp.int32)
-        margin = self.config.rtol * jnp.abs(values[0]) + self.config.atol
-        keep = jnp.isfinite(score[0]) & (score[best] >= score[0] - margin)
-        choice = jnp.where(keep, 0, best)
+        margin = self.config.rtol * jnp.abs(values[incumbent]) + self.config.atol
+        keep = jnp.isfinite(score[incumbent]) & (score[best] >= score[incumbent] - margin)
+        choice = jnp.where(keep, incumbent, best)
         return jnp.where(jnp.isfinite(score).any(), choice, ALL_NONFINITE).astype(jnp.int32)
 
 
@@ -492,10 +591,15 @@ class NoLookahead:
         del params
         return extra_args if value_fn is None else {**extra_args, "value_fn": value_fn}
 
+    def early_trial(self, *unused) -> bool:
+        """False: no early trial."""
+        del unused
+        return False
+
     def choose(self, intervene, decision, record, **unused):
-        """``(decision, record)``, unchanged."""
-        del intervene, unused
-        return decision, record
+        """``(decision, record, intervene)``: the decision and record unchanged."""
+        del unused
+        return decision, record, intervene
 
 
 NO_LOOKAHEAD = NoLookahead()

@@ -14,7 +14,9 @@ each part owns its record and its transition:
    loss mix, maybe an optimizer reset; with a lookahead
    (:mod:`adaptive_optax.lookahead`; :data:`~adaptive_optax.lookahead.NO_LOOKAHEAD`
    without one) the boost and mix are those of the candidate that did best
-   in a few trial steps; on a rollback, the guard reverts them;
+   in a few trial steps, and a lookahead with an early trial may also
+   intervene without a plateau, on a slow start that a boost wins;
+   on a rollback, the guard reverts them;
 5. the effective learning rate ``base_schedule(step) * multiplier`` (the
    boost's ramp, :mod:`adaptive_optax.boost`), capped by
    ``max_learning_rate``, is injected into the inner optimizer's
@@ -291,16 +293,19 @@ def plateau_escape(
         monitored = jnp.where(applied, value, jnp.nan)
         plateau, event = detector.update(state.plateau, monitored)
         verdict = guard.check(guard_state, plateau, event, detector, monitored)
-        intervene = (event.plateau & (before.intervention_count < max_interventions)
-                     & guard.permits(guard_state, verdict))
+        allowed = ((before.intervention_count < max_interventions)
+                   & guard.permits(guard_state, verdict))
+        intervene = event.plateau & allowed
+        # A slow start may be tried without a plateau; commit says whether a boost won it.
+        early = lookahead.early_trial(event, state.plateau, plateau, before) & allowed & ~intervene
         decision = policy.decide(before, grad_state.grad_norm_ema, max_interventions)
         multiplier_now = ramp.multiplier(before, step)
-        decision, trial_record = lookahead.choose(
+        decision, trial_record, commit = lookahead.choose(
             intervene, decision, state.lookahead, before=before,
             grad_norm=grad_state.grad_norm_ema, multiplier=multiplier_now, params=params,
             optimizer_state=state.optimizer_state, value_fn=value_fn, extra_args=extra_args,
-            rate=functools.partial(committed_rate, before, step))
-        after = policy.apply(before, decision, intervene, step, multiplier_now)
+            rate=functools.partial(committed_rate, before, step), early=early)
+        after = policy.apply(before, decision, commit, step, multiplier_now)
         after = guard.revert(after, guard_state, verdict)
         after = after._replace(lr_multiplier=ramp.multiplier(after, step))
 
@@ -308,13 +313,13 @@ def plateau_escape(
         inner_state = with_learning_rate(state.optimizer_state,
                                          effective_lr(base, after.lr_multiplier))
         if may_reset:
-            reset = (intervene & decision.reset) | (verdict.rolled_back & guard.reset_optimizer)
+            reset = (commit & decision.reset) | (verdict.rolled_back & guard.reset_optimizer)
             inner_state = reset_where(inner, inner_state, reset,
                                       guard.reset_params(guard_state, params, verdict))
         keep = applied & guard.keeps_update(verdict)
         inner_updates, inner_state = inner_step(keep, updates, inner_state, params, value,
                                                 extra_args)
-        inner_updates, guard_state = guard.update(guard_state, verdict, intervene, before,
+        inner_updates, guard_state = guard.update(guard_state, verdict, commit, before,
                                                   plateau, event, params, inner_updates)
         # A rollback restarts the detector's patience at the restored point.
         plateau = optax.tree.where(verdict.rolled_back, detector.restart_patience(plateau),

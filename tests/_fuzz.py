@@ -393,6 +393,14 @@ def targets() -> list[Target]:
                    bogus_option=[(1, BAD)],
                ),
                use=use_lookahead, combos=8),
+        # Its own target: early_trial_window needs NO_BOOST among the candidates, so a
+        # valid window and a valid candidate list without it would be an invalid pair.
+        Target("Lookahead[early trial]", ao.Lookahead, dict(steps=1, early_trial_window=2),
+               dict(
+                   early_trial_window=int_pool(2, (3,), none_ok=True),
+                   early_trial_progress=float_pool((0.5, 1.0), (0.0, -0.1, 1.5)),
+               ),
+               use=use_lookahead, combos=4),
         # A candidate boosts or cuts, never both: one target each, so that no random
         # combination of two valid values is an invalid pair.
         Target("Candidate", ao.Candidate, {},

@@ -411,6 +411,14 @@ def test_missing_value_fn_or_params_is_a_clear_error():
     (dict(rtol=-0.1), ValueError, "rtol"),
     (dict(atol=float("inf")), ValueError, "atol"),
     (dict(ramp="no"), TypeError, "ramp"),
+    (dict(early_trial_window=1), ValueError, r"early_trial_window must be an integer in \[2, "),
+    (dict(early_trial_window=2.0), TypeError, "early_trial_window"),
+    (dict(early_trial_window=True), TypeError, "early_trial_window"),
+    (dict(early_trial_window=2, candidates=(POLICY_CHOICE, Candidate(0.0))), ValueError,
+     "early_trial_window needs NO_BOOST"),
+    (dict(early_trial_progress=0.0), ValueError, r"early_trial_progress .*\(0, 1\]"),
+    (dict(early_trial_progress=1.5), ValueError, "early_trial_progress"),
+    (dict(early_trial_progress=float("nan")), ValueError, "early_trial_progress"),
 ])
 def test_invalid_lookahead_raises_at_construction(kwargs, exc, name):
     with pytest.raises(exc, match=name):
@@ -447,3 +455,158 @@ def test_invalid_candidates_raise_at_construction():
         make_tx(lookahead=Lookahead(candidates=(POLICY_CHOICE, Candidate(1.0, 9))))
     with pytest.raises(TypeError, match="lookahead must be a Lookahead"):
         make_tx(lookahead="yes")
+
+
+# The early trial: a run whose loss falls slowly never plateaus, so only an
+# early trial can tell it that a boost is faster. Here the monitored value is
+# the loss itself, one step per window and a patience that never runs out, so
+# every trial below is an early one.
+
+def make_early_tx(rate, early_trial_window=2, mode="min", **lookahead_kwargs):
+    lookahead = Lookahead(steps=3, early_trial_window=early_trial_window, **lookahead_kwargs)
+    return ao.plateau_escape(optax.sgd, rate, patience=1000, mode=mode, boost_warmup_steps=0,
+                             rollback=None, policy=fixed_policy(), lookahead=lookahead)
+
+
+def run_on_loss(tx, steps, sign=1.0, fn=value_fn):
+    """SGD steps whose monitored value is ``sign`` times the loss; the state after each step."""
+    params = {"w": jnp.zeros(4, jnp.float32)}
+    state = tx.init(params)
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)  # a trial, early or not, must not retrace the update
+        weights = optax.tree.get(state, "loss_weights")
+        (_, monitored), grads = jax.value_and_grad(fn, has_aux=True)(params, weights)
+        signed = lambda p, w: (fn(p, w)[0], sign * fn(p, w)[1])  # noqa: E731
+        updates, state = tx.update(grads, state, params, value=sign * monitored,
+                                   value_fn=(fn if sign == 1.0 else signed))
+        return optax.apply_updates(params, updates), state
+
+    states = []
+    for _ in range(steps):
+        params, state = step(params, state)
+        states.append(state)
+    assert len(traces) == 1
+    return states
+
+
+def test_a_slow_start_is_tried_at_its_window_and_a_faster_boost_committed():
+    # Rate 0.01: the loss falls ~1% a step (progress < 10%); x5 stays stable (0.05 * h_max = 0.1).
+    states = run_on_loss(make_early_tx(0.01), steps=4)
+    first, second, last = states[0], states[1], states[-1]
+    assert trial(first)[1] == -1  # window 1 sets the best: no trial
+    values, choice = trial(second)
+    assert choice == DEFAULT_CANDIDATES.index(Candidate(2.0)) == int(np.argmin(values))
+    assert int(optax.tree.get(second, "intervention_count")) == 1
+    assert float(optax.tree.get(second, "learning_rate")) == pytest.approx(0.01 * 9.0)
+    # Later windows are slow too, but the early trial is one window's.
+    np.testing.assert_array_equal(trial(last)[0], values)
+    assert trial(last)[1] == choice
+    assert int(optax.tree.get(last, "intervention_count")) == 1
+
+
+def test_an_early_trial_takes_each_boost_at_once_even_with_a_ramp():
+    # With a ramp of 100 steps, a ramped 3-step trial would barely raise the rate.
+    lookahead = Lookahead(steps=3, early_trial_window=2, candidates=(NO_BOOST, POLICY_CHOICE))
+    tx = ao.plateau_escape(optax.sgd, 0.01, patience=1000, boost_warmup_steps=100,
+                           rollback=None, policy=fixed_policy(), lookahead=lookahead)
+    unramped = make_early_tx(0.01, candidates=(NO_BOOST, POLICY_CHOICE), ramp=False)
+    ramped, at_once = (trial(run_on_loss(t, steps=2)[1])[0] for t in (tx, unramped))
+    np.testing.assert_allclose(ramped, at_once, rtol=1e-6)
+
+
+def test_a_fast_start_is_left_alone():
+    # Rate 0.3: the loss falls by far more than 10% in a step; no trial, nothing changes.
+    plain = run_on_loss(ao.plateau_escape(optax.sgd, 0.3, patience=1000, boost_warmup_steps=0,
+                                          rollback=None, policy=fixed_policy(),
+                                          lookahead=Lookahead(steps=3)), steps=3)
+    early = run_on_loss(make_early_tx(0.3), steps=3)
+    assert trial(early[-1])[1] == -1
+    assert int(optax.tree.get(early[-1], "intervention_count")) == 0
+    chex.assert_trees_all_equal(early[-1].optimizer_state, plain[-1].optimizer_state)
+    # The same run made slow-looking by the threshold is tried.
+    assert trial(run_on_loss(make_early_tx(0.3, early_trial_progress=1.0), steps=2)[1])[1] >= 0
+
+
+def test_an_early_trial_that_no_boost_wins_changes_nothing():
+    # Rate 0.75: every default boost (>= 3x: 2.25 * h_max > 2) diverges, no boost wins;
+    # progress 1.0 tries the window whatever its progress.
+    tx = make_early_tx(0.75, early_trial_progress=1.0)
+    states = run_on_loss(tx, steps=3)
+    values, choice = trial(states[1])
+    assert choice == DEFAULT_CANDIDATES.index(NO_BOOST) == int(np.nanargmin(values))
+    assert int(optax.tree.get(states[-1], "intervention_count")) == 0
+    assert float(ao.state_field(states[-1], "boost_step")) == -1
+    assert float(optax.tree.get(states[-1], "learning_rate")) == pytest.approx(0.75)
+
+
+def test_an_early_trial_whose_candidates_all_diverge_to_nan_commits_nothing():
+    # The run stays within |w| < 0.04 for its first 3 steps; every trial, no boost's too,
+    # ends beyond 0.05, where the value is NaN.
+    tx = make_early_tx(0.01, candidates=(NO_BOOST, Candidate(1000.0)))
+    states = run_on_loss(tx, steps=3, fn=nan_beyond(0.05))
+    values, choice = trial(states[1])
+    assert np.isnan(values).all() and choice == -2
+    assert int(optax.tree.get(states[-1], "intervention_count")) == 0
+    assert float(optax.tree.get(states[-1], "learning_rate")) == pytest.approx(0.01)
+    chex.assert_tree_all_finite(states[-1].optimizer_state)
+
+
+def test_mode_max_tries_a_slowly_rising_score_as_min_tries_the_falling_loss():
+    low, high = (run_on_loss(make_early_tx(0.01, mode=m), steps=2, sign=s)[1]
+                 for m, s in (("min", 1.0), ("max", -1.0)))
+    assert trial(low)[1] == trial(high)[1] >= 0
+    assert float(optax.tree.get(low, "learning_rate")) == float(
+        optax.tree.get(high, "learning_rate"))
+
+
+def run_values(tx, values):
+    """Real SGD steps whose monitored values are ``values``, one per step; the last state."""
+    params = {"w": jnp.zeros(4, jnp.float32)}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s, v: tx.update(jax.grad(loss)(p), s, p, value=v, value_fn=value_fn))
+    for v in values:
+        updates, state = step(params, state, jnp.float32(v))
+        params = optax.apply_updates(params, updates)
+    return state
+
+
+@pytest.mark.parametrize("second", [1.0, 1.1, float("nan")], ids=["stalled", "rising", "nan"])
+def test_a_window_that_did_not_improve_is_no_slow_start(second):
+    tx = make_early_tx(0.01, early_trial_progress=1.0)
+    assert trial(run_values(tx, [1.0, second, 0.5]))[1] == -1
+    assert trial(run_values(tx, [1.0, 0.99]))[1] >= 0  # the same run, improving by 1%
+
+
+def test_no_early_trial_after_an_intervention_nor_with_the_cap_at_zero():
+    # Window 2 repeats window 1: a plateau (patience 0), an intervention; cooldown 1 keeps
+    # window 3 from plateauing, and its 1% progress would be a slow start.
+    lookahead = Lookahead(steps=3, early_trial_window=3)
+    options = dict(cooldown=1, boost_warmup_steps=0, rollback=None, policy=fixed_policy(),
+                   lookahead=lookahead)
+    after_plateau = run_values(ao.plateau_escape(optax.sgd, 0.05, patience=0, **options),
+                               [1.0, 1.0])
+    later = run_values(ao.plateau_escape(optax.sgd, 0.05, patience=0, **options),
+                       [1.0, 1.0, 0.99])
+    assert int(optax.tree.get(later, "intervention_count")) == 1
+    np.testing.assert_array_equal(trial(later)[0], trial(after_plateau)[0])
+    # Without the plateau before it, window 3 is tried.
+    patient = run_values(ao.plateau_escape(optax.sgd, 0.05, patience=5, **options),
+                         [1.0, 1.0, 0.99])
+    assert trial(patient)[1] >= 0
+    capped = ao.plateau_escape(optax.sgd, 0.01, patience=1000, max_interventions=0,
+                               rollback=None, policy=fixed_policy(),
+                               lookahead=Lookahead(steps=3, early_trial_window=2))
+    assert trial(run_values(capped, [1.0, 0.99, 0.98]))[1] == -1
+
+
+def test_an_early_boost_is_watched_by_the_guard():
+    # Guarded, the boost the early trial commits is snapshotted like a plateau's.
+    lookahead = Lookahead(steps=3, early_trial_window=2)
+    tx = ao.plateau_escape(optax.sgd, 0.01, patience=1000, boost_warmup_steps=0,
+                           policy=fixed_policy(), lookahead=lookahead)
+    state = run_on_loss(tx, steps=2)[1]
+    assert int(optax.tree.get(state, "intervention_count")) == 1
+    assert int(ao.state_field(state, "guard_windows_left")) > 0
