@@ -18,7 +18,7 @@ def test_recommended_is_a_ramp_over_one_window_and_the_rate_only_guard():
 
 def test_recommended_with_lookahead_adds_the_default_trials_and_needs_value_fn():
     options = presets.recommended_options(3, lookahead=True)
-    assert options["lookahead"] == Lookahead()
+    assert options["lookahead"] == Lookahead(early_trial_window=2)
     assert {k: v for k, v in options.items() if k != "lookahead"} == \
         presets.recommended_options(3)
     tx = ao.plateau_escape(optax.adam, 1e-3, **options)

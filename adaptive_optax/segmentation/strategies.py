@@ -30,11 +30,14 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
 ``restore``            guard also restores the parameters (one parameter
                        copy in the state), not only the rate and mix; the
                        candidate fix of issue 15, not a default
-``lookahead``          ``recommended`` with ``lookahead=Lookahead()``: at each
+``lookahead``          ``recommended`` with the preset's lookahead
+                       (``recommended_options(w, lookahead=True)``:
+                       ``Lookahead(early_trial_window=2)``): at each
                        intervention the candidates (the policy's boost and
                        mix, no boost, x0.5, x2, the next planned mix) are
                        tried for a few steps in-graph and the best committed
-                       (:mod:`adaptive_optax.lookahead`); its ``update``
+                       (:mod:`adaptive_optax.lookahead`), and a slow start is
+                       tried at the close of window 2; its ``update``
                        needs ``value_fn`` (``make_train_step`` passes it)
 ``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
                        rate free; ``learning_rate`` is its multiplier)
@@ -49,9 +52,9 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        weights of its average:
                        :func:`adaptive_optax.schedule_free.boost_neutral_schedule_free`);
                        evaluate :func:`eval_params`
-``lookahead-``         ``escape-schedule-free`` with ``lookahead=Lookahead()``
+``lookahead-``         ``escape-schedule-free`` with the preset's lookahead
 ``schedule-free``      (the README's recommendation around schedule-free)
-``lookahead-prodigy``  ``escape-prodigy`` with ``lookahead=Lookahead()``
+``lookahead-prodigy``  ``escape-prodigy`` with the preset's lookahead
 =====================  ========================================================
 
 Every schedule is ``learning_rate * shape(step)`` with a peak-1 shape
@@ -97,7 +100,7 @@ INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recomme
 # The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
 _ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free",
                    "lookahead-schedule-free": "schedule-free", "lookahead-prodigy": "prodigy"}
-# The strategies that try each intervention first (the preset's Lookahead()).
+# The strategies that try each intervention first (the preset's lookahead).
 LOOKAHEAD = ("lookahead", "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that evaluate schedule-free's averaged parameters (eval_params).
 SCHEDULE_FREE = ("schedule-free", "escape-schedule-free", "lookahead-schedule-free")
