@@ -432,8 +432,7 @@ class BoundLookahead:
     def choose(self, intervene: jax.Array, decision: Decision, record: LookaheadState, *,
                before, grad_norm: jax.Array, multiplier: jax.Array, params, optimizer_state,
                rate: Callable[[jax.Array, jax.Array, bool], jax.Array], value_fn: Callable,
-               extra_args: dict, early: jax.Array | None = None,
-               ) -> tuple[Decision, LookaheadState, jax.Array]:
+               extra_args: dict, early: jax.Array) -> tuple[Decision, LookaheadState, jax.Array]:
         """The decision to commit, the new record and whether it is committed.
 
         Trials run only where ``intervene`` or ``early``.
@@ -454,7 +453,7 @@ class BoundLookahead:
             value_fn: ``value_fn(params, loss_weights) -> (loss, monitored)``.
             extra_args: The inner optimizer's extra arguments.
             early: bool []: this step runs the early trial (:meth:`early_trial`;
-                never together with ``intervene``), or None (no early trial).
+                never together with ``intervene``; always False without one).
 
         Returns:
             ``(decision, record, commit)``: the decision with the chosen boost
@@ -462,7 +461,6 @@ class BoundLookahead:
             unchanged without a trial), and bool []: the decision is
             committed (``intervene``, or an early trial that a boost won).
         """
-        early = jnp.zeros([], jnp.bool_) if early is None else early
         # An early trial never resets the optimizer: nothing is committed unless a boost wins.
         reset = decision.reset & ~early
         incumbent = (0 if self.config.early_trial_window is None

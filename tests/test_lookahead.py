@@ -468,25 +468,27 @@ def make_early_tx(rate, early_trial_window=2, mode="min", **lookahead_kwargs):
                              rollback=None, policy=fixed_policy(), lookahead=lookahead)
 
 
-def run_on_loss(tx, steps, sign=1.0, fn=value_fn):
-    """SGD steps whose monitored value is ``sign`` times the loss; the state after each step."""
+def run_on_loss(tx, steps, sign=1.0, fn=value_fn, values=None):
+    """SGD steps whose monitored value is ``sign`` times the loss, or ``values[i]`` at step
+    ``i`` when given; the state after each step."""
     params = {"w": jnp.zeros(4, jnp.float32)}
     state = tx.init(params)
     traces = []
 
     @jax.jit
-    def step(params, state):
+    def step(params, state, given):
         traces.append(1)  # a trial, early or not, must not retrace the update
         weights = optax.tree.get(state, "loss_weights")
         (_, monitored), grads = jax.value_and_grad(fn, has_aux=True)(params, weights)
         signed = lambda p, w: (fn(p, w)[0], sign * fn(p, w)[1])  # noqa: E731
-        updates, state = tx.update(grads, state, params, value=sign * monitored,
+        value = sign * monitored if values is None else given
+        updates, state = tx.update(grads, state, params, value=value,
                                    value_fn=(fn if sign == 1.0 else signed))
         return optax.apply_updates(params, updates), state
 
     states = []
-    for _ in range(steps):
-        params, state = step(params, state)
+    for i in range(steps):
+        params, state = step(params, state, jnp.float32(0.0 if values is None else values[i]))
         states.append(state)
     assert len(traces) == 1
     return states
@@ -563,14 +565,8 @@ def test_mode_max_tries_a_slowly_rising_score_as_min_tries_the_falling_loss():
 
 
 def run_values(tx, values):
-    """Real SGD steps whose monitored values are ``values``, one per step; the last state."""
-    params = {"w": jnp.zeros(4, jnp.float32)}
-    state = tx.init(params)
-    step = jax.jit(lambda p, s, v: tx.update(jax.grad(loss)(p), s, p, value=v, value_fn=value_fn))
-    for v in values:
-        updates, state = step(params, state, jnp.float32(v))
-        params = optax.apply_updates(params, updates)
-    return state
+    """The last state of :func:`run_on_loss` with these monitored values."""
+    return run_on_loss(tx, len(values), values=values)[-1]
 
 
 @pytest.mark.parametrize("second", [1.0, 1.1, float("nan")], ids=["stalled", "rising", "nan"])
