@@ -7,7 +7,8 @@ loss mix, and can roll back an intervention that made things worse.
 
 This package is the optimizer core and imports jax, optax and numpy only:
 the detector (:mod:`~adaptive_optax.plateau`), the policy
-(:mod:`~adaptive_optax.policy`), the boost (:mod:`~adaptive_optax.boost`), the
+(:mod:`~adaptive_optax.policy`), the boost (:mod:`~adaptive_optax.boost`) and
+its limit from the size of the step it scales (:mod:`~adaptive_optax.boost_limit`), the
 gradient-norm EMA (:mod:`~adaptive_optax.grad_norm`), the rollback guard
 (:mod:`~adaptive_optax.rollback`), the lookahead that tries candidate
 interventions before committing one (:mod:`~adaptive_optax.lookahead`), the

@@ -7,7 +7,8 @@
   good rate is not wrecked (docs/design.md, "First, do no harm";
   ``benchmarks/lr_grid.py``). With ``lookahead=True`` each intervention is
   first tried (``Lookahead(early_trial_window=2)``: also a slow start, before
-  any plateau), for updates that can pass ``value_fn``.
+  any plateau), for updates that can pass ``value_fn``, and each boost is
+  limited by the size of the step it scales (``max_update_ratio=0.005``).
 * :func:`unguarded_options`: the seed trainer's interventions as written,
   an immediate boost and no guard. Kept to compare with, and for the tests of
   the seed's rules.
@@ -26,11 +27,16 @@ from adaptive_optax._validation import check_int
 from adaptive_optax.lookahead import Lookahead
 from adaptive_optax.rollback import RollbackGuard
 
-__all__ = ["EARLY_TRIAL_WINDOW", "recommended_options", "unguarded_options"]
+__all__ = ["EARLY_TRIAL_WINDOW", "MAX_UPDATE_RATIO", "recommended_options", "unguarded_options"]
 
 # The preset's lookahead also tries a slow start at the close of window 2, the
 # first window with a best to compare with (docs/benchmarks.md, "early trial").
 EARLY_TRIAL_WINDOW = 2
+# ... and limits each boost so that the inner step stays within 0.5% of the
+# weights' norm (adaptive_optax.boost_limit; docs/benchmarks.md, "the
+# update-ratio limit"): it removes the boosts that blew up runs near their
+# stability limit, and leaves those of runs at rates that are too low.
+MAX_UPDATE_RATIO = 0.005
 
 
 def recommended_options(accumulation_steps: int, *, lookahead: bool = False) -> dict[str, Any]:
@@ -47,6 +53,9 @@ def recommended_options(accumulation_steps: int, *, lookahead: bool = False) -> 
             learning-rate grid the trials keep post-intervention jumps below
             1.5x on the tuning sets where the plain preset's reach 1.9x, and
             the early trial rescues stalling SGD rates (docs/benchmarks.md).
+            It also sets ``max_update_ratio=MAX_UPDATE_RATIO``: no boost
+            takes the inner step past 0.5% of the weights' norm (a step
+            that large is near the rate's stability limit).
 
     Returns:
         A dict of keyword arguments for :func:`adaptive_optax.plateau_escape`
@@ -63,6 +72,8 @@ def recommended_options(accumulation_steps: int, *, lookahead: bool = False) -> 
         >>> la = recommended_options(10, lookahead=True)["lookahead"]
         >>> la.steps, la.early_trial_window
         (4, 2)
+        >>> recommended_options(10, lookahead=True)["max_update_ratio"]
+        0.005
     """
     accumulation_steps = check_int("accumulation_steps", accumulation_steps, 1)
     if not isinstance(lookahead, bool):
@@ -71,6 +82,7 @@ def recommended_options(accumulation_steps: int, *, lookahead: bool = False) -> 
                    rollback=RollbackGuard(restore_params=False))
     if lookahead:
         options["lookahead"] = Lookahead(early_trial_window=EARLY_TRIAL_WINDOW)
+        options["max_update_ratio"] = MAX_UPDATE_RATIO
     return options
 
 

@@ -48,6 +48,7 @@ import optax
 from adaptive_optax._counters import increment_if
 from adaptive_optax._validation import check_bool, check_float, check_int
 from adaptive_optax.boost import BoostRamp
+from adaptive_optax.boost_limit import update_ratio_limit
 from adaptive_optax.conditional import update_unless_skipped
 from adaptive_optax.grad_norm import global_norm, init_grad_norm, update_grad_norm
 from adaptive_optax.inner_optimizer import (
@@ -111,6 +112,7 @@ def plateau_escape(
     boost_warmup_steps: int | None = None,
     boost_decay_steps: int | None = None,
     max_learning_rate: float | None = None,
+    max_update_ratio: float | None = None,
     rollback: RollbackGuard | None = DEFAULT_GUARD,
     skip_nonfinite_updates: bool = True,
     optimizer_kwargs: Mapping[str, Any] | None = None,
@@ -155,6 +157,15 @@ def plateau_escape(
         boost_decay_steps: ``None`` holds each boost until the next
             intervention; an int >= 1 decays it linearly back to the base.
         max_learning_rate: Optional cap on the effective learning rate (> 0).
+        max_update_ratio: ``None`` (default), or a bound > 0 on each boost
+            from the size of the step it scales: the boost stays below
+            ``max(1, max_update_ratio * ||params|| / ||u||)``, ``u`` the
+            inner optimizer's update at the bare base rate on the
+            intervention's step (one extra inner update on that step only;
+            :mod:`adaptive_optax.boost_limit`). A run whose steps are already
+            large against its weights, near its stability limit, is not
+            boosted; a lookahead's candidates are capped alike. ``update``
+            then needs ``params``.
         rollback: The :class:`RollbackGuard` that undoes a boost which makes
             the monitored value worse. Default ``RollbackGuard(restore_params=False)``:
             reverts the rate and mix within steps, no parameter copy;
@@ -215,6 +226,9 @@ def plateau_escape(
     if max_learning_rate is not None:
         max_learning_rate = check_float("max_learning_rate", max_learning_rate, low=0.0,
                                         high=math.inf, low_open=True, high_open=True)
+    if max_update_ratio is not None:
+        max_update_ratio = check_float("max_update_ratio", max_update_ratio, low=0.0,
+                                       high=math.inf, low_open=True, high_open=True)
     skip_nonfinite_updates = check_bool("skip_nonfinite_updates", skip_nonfinite_updates)
     if policy is None:
         policy = InterventionPolicy()
@@ -251,6 +265,20 @@ def plateau_escape(
                                  boost_step=step)
         return effective_lr(base, ramp.multiplier(record, step + t))
 
+    def boost_limit(needed, updates, inner_state, step, params, value, extra_args):
+        """The largest boost allowed on this step (``max_update_ratio``)."""
+        bare = with_learning_rate(inner_state, effective_lr(
+            jnp.asarray(schedule(step), jnp.float32), jnp.ones([], jnp.float32)))
+
+        def inner_update(grads, s, p):
+            return inner.update(grads, s, p, value=value, **extra_args)
+
+        return update_ratio_limit(needed, max_update_ratio, inner_update, updates, bare, params)
+
+    def capped_rate(rate, limit, boost, t, ramped=True):
+        """``rate`` with the boost capped at ``limit`` (what a trial takes)."""
+        return rate(jnp.minimum(boost, limit), t, ramped)
+
     def norm_of(updates, grad_state):
         """The EMA with this step's norm, and whether the step's update is applied."""
         if not track_norm:
@@ -281,9 +309,10 @@ def plateau_escape(
                   **extra_args):
         value = _monitored_value(value)
         extra_args = lookahead.inner_args(params, value_fn, extra_args)
-        if params is None and (may_reset or guard.restore_params):
-            raise ValueError("plateau_escape with an optimizer reset or a rollback guard that "
-                             "restores parameters needs params: call "
+        if params is None and (may_reset or guard.restore_params
+                               or max_update_ratio is not None):
+            raise ValueError("plateau_escape with an optimizer reset, a rollback guard that "
+                             "restores parameters or max_update_ratio needs params: call "
                              "tx.update(grads, state, params, value=...).")
         # The records are views of the packed vectors: XLA fuses their slices
         # into the ops that read them.
@@ -300,11 +329,19 @@ def plateau_escape(
         early = lookahead.early_trial(event, state.plateau, plateau, before) & allowed & ~intervene
         decision = policy.decide(before, grad_state.grad_norm_ema, max_interventions)
         multiplier_now = ramp.multiplier(before, step)
+        rate = functools.partial(committed_rate, before, step)
+        if max_update_ratio is not None:
+            limit = boost_limit(intervene | early, updates, state.optimizer_state, step,
+                                params, value, extra_args)
+            decision = decision._replace(boost=jnp.minimum(decision.boost, limit))
+            rate = functools.partial(capped_rate, rate, limit)
         decision, trial_record, commit = lookahead.choose(
             intervene, decision, state.lookahead, before=before,
             grad_norm=grad_state.grad_norm_ema, multiplier=multiplier_now, params=params,
             optimizer_state=state.optimizer_state, value_fn=value_fn, extra_args=extra_args,
-            rate=functools.partial(committed_rate, before, step), early=early)
+            rate=rate, early=early)
+        if max_update_ratio is not None:  # a candidate past the limit was tried at it
+            decision = decision._replace(boost=jnp.minimum(decision.boost, limit))
         after = policy.apply(before, decision, commit, step, multiplier_now)
         after = guard.revert(after, guard_state, verdict)
         after = after._replace(lr_multiplier=ramp.multiplier(after, step))

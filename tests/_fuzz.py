@@ -243,6 +243,8 @@ def targets() -> list[Target]:
                    boost_decay_steps=int_pool(1, (1, 5), huge=ANY, none_ok=True),
                    max_learning_rate=float_pool((1e-2, 1.0), (0.0, -1.0), huge=ANY,
                                                 none_ok=True),
+                   max_update_ratio=float_pool((1e-3, 0.5), (0.0, -1.0), huge=ANY,
+                                               none_ok=True),
                    skip_nonfinite_updates=bool_pool(),
                    policy=[(scripted_policy(), OK), ("adaptive", BAD), ({}, BAD)],
                    rollback=[(ao.RollbackGuard(), OK), (None, OK),

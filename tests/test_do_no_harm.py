@@ -7,7 +7,10 @@ loss jumps (3.6x in the window after the first intervention, measured when
 this test was written). The defaults (a one-window ramp and the rate-reverting
 guard) must keep every post-intervention window below 1.5x the one that fired
 it and end where the constant rate ends; at a rate that stalls (1e-3) they
-must still rescue the run.
+must still rescue the run. So must the update-ratio limit on its own
+(``max_update_ratio``, with the seed's unguarded, unramped boosts): at the good
+rate Adam's steps are already large against the weights, so it allows no big
+boost; at the stalling rate they are tiny, and the boosts go through as before.
 """
 
 import jax
@@ -86,3 +89,20 @@ def test_the_defaults_still_rescue_a_stalling_rate():
     _, counts, rescued = train(1e-3)
     assert counts[-1] >= 1
     assert rescued < 0.7 * stalled
+
+
+def test_the_update_ratio_limit_alone_keeps_the_seed_rules_from_wrecking_it(
+        constant_at_a_good_rate):
+    losses, counts, final = train(3e-2, **ao.presets.unguarded_options(), max_update_ratio=0.005)
+    assert counts[-1] >= 1
+    assert max(jumps(losses, counts)) < 1.5
+    assert final <= 1.05 * constant_at_a_good_rate[2]
+
+
+def test_the_update_ratio_limit_leaves_the_rescue_of_a_stalling_rate_as_it_was():
+    unguarded = ao.presets.unguarded_options()
+    capped, counts, rescued = train(1e-3, **unguarded, max_update_ratio=0.005)
+    uncapped, _, _ = train(1e-3, **unguarded)
+    assert counts[-1] >= 1
+    np.testing.assert_array_equal(capped, uncapped)  # every boost under the limit
+    assert rescued < 0.7 * train(1e-3, max_interventions=0)[2]

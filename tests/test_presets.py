@@ -16,10 +16,11 @@ def test_recommended_is_a_ramp_over_one_window_and_the_rate_only_guard():
     assert options["rollback"] == ao.RollbackGuard(restore_params=False)
 
 
-def test_recommended_with_lookahead_adds_the_default_trials_and_needs_value_fn():
+def test_recommended_with_lookahead_adds_the_trials_and_the_update_ratio_limit():
     options = presets.recommended_options(3, lookahead=True)
     assert options["lookahead"] == Lookahead(early_trial_window=2)
-    assert {k: v for k, v in options.items() if k != "lookahead"} == \
+    assert options["max_update_ratio"] == presets.MAX_UPDATE_RATIO == 0.005
+    assert {k: v for k, v in options.items() if k not in ("lookahead", "max_update_ratio")} == \
         presets.recommended_options(3)
     tx = ao.plateau_escape(optax.adam, 1e-3, **options)
     params = {"w": jnp.ones(2)}

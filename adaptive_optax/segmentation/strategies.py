@@ -32,7 +32,8 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        candidate fix of issue 15, not a default
 ``lookahead``          ``recommended`` with the preset's lookahead
                        (``recommended_options(w, lookahead=True)``:
-                       ``Lookahead(early_trial_window=2)``): at each
+                       ``Lookahead(early_trial_window=2)`` and
+                       ``max_update_ratio=0.005``): at each
                        intervention the candidates (the policy's boost and
                        mix, no boost, x0.5, x2, the next planned mix) are
                        tried for a few steps in-graph and the best committed

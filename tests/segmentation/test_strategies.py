@@ -259,6 +259,10 @@ def test_the_escape_wrappers_are_recommended_around_the_rate_free_optimizers(nam
     assert counts[name] >= 1 and counts[name.removeprefix("escape-")] == 0, counts
 
 
+# What recommended_options(w, lookahead=True) adds to the plain preset.
+LOOKAHEAD_PRESET = ("lookahead", "max_update_ratio")
+
+
 def _options_by_lookahead(monkeypatch, names):
     """``{has a lookahead: plateau_escape's keywords}`` of make_optimizer for ``names``."""
     seen = {}
@@ -280,8 +284,9 @@ def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypat
     rate; lookahead-schedule-free is the same with the preset's lookahead."""
     seen = _options_by_lookahead(monkeypatch, ("escape-schedule-free", "lookahead-schedule-free"))
     assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
-    assert ({k: v for k, v in seen[True].items() if k != "lookahead"}
-            == {k: v for k, v in seen[False].items() if k != "lookahead"})
+    assert seen[True]["max_update_ratio"] == presets.MAX_UPDATE_RATIO
+    assert ({k: v for k, v in seen[True].items() if k not in LOOKAHEAD_PRESET}
+            == {k: v for k, v in seen[False].items() if k not in LOOKAHEAD_PRESET})
     tx = strategies.make_optimizer("escape-schedule-free", 1e-2, total_steps=20, patience=0,
                                    cooldown=0, boost_warmup_steps=0)
     params = {"w": jnp.ones(3)}
@@ -300,8 +305,9 @@ def test_the_schedule_free_wrappers_weigh_the_average_by_the_base_rate(monkeypat
 def test_lookahead_prodigy_is_escape_prodigy_with_the_default_lookahead(monkeypatch):
     seen = _options_by_lookahead(monkeypatch, ("escape-prodigy", "lookahead-prodigy"))
     assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
-    assert ({k: v for k, v in seen[True].items() if k != "lookahead"}
-            == {k: v for k, v in seen[False].items() if k != "lookahead"})
+    assert seen[True]["max_update_ratio"] == presets.MAX_UPDATE_RATIO
+    assert ({k: v for k, v in seen[True].items() if k not in LOOKAHEAD_PRESET}
+            == {k: v for k, v in seen[False].items() if k not in LOOKAHEAD_PRESET})
     assert strategies.learning_rate_for("lookahead-prodigy", 3e-4) == 1.0
     with pytest.raises(ValueError, match="strategy 'lookahead-prodigy'.*optimizer = "):
         strategies.make_optimizer("lookahead-prodigy", 1.0, total_steps=10, optimizer=optax.sgd)
@@ -515,7 +521,8 @@ def test_inner_keywords_given_twice_or_unknown_are_refused():
 def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
     seen = _options_by_lookahead(monkeypatch, ("recommended", "lookahead"))
     assert seen[True]["lookahead"] == strategies.DEFAULT_LOOKAHEAD
-    assert {k: v for k, v in seen[True].items() if k != "lookahead"} == seen[False]
+    assert seen[True]["max_update_ratio"] == presets.MAX_UPDATE_RATIO
+    assert {k: v for k, v in seen[True].items() if k not in LOOKAHEAD_PRESET} == seen[False]
     tx = strategies.make_optimizer("lookahead", 1e-3, total_steps=10)
     params = {"w": jnp.ones(3)}
     with pytest.raises(ValueError, match="value_fn"):
