@@ -70,7 +70,7 @@ def update_ratio_limit(
     Returns:
         A float32 scalar ``>= 1``: ``max(1, max_ratio * ||params|| / ||u||)``
         (``+inf`` for a zero update or when not ``needed``; 1, no boost, when
-        the update or the parameters' norm is not finite).
+        the ratio is not finite: a non-finite update, or zero parameters).
     """
     def limit():
         updates, _ = step(grads, inner_state, params)

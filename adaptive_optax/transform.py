@@ -265,15 +265,11 @@ def plateau_escape(
                                  boost_step=step)
         return effective_lr(base, ramp.multiplier(record, step + t))
 
-    def boost_limit(needed, updates, inner_state, step, params, value, extra_args):
+    def boost_limit(needed, updates, inner_state, base, params, value, extra_args):
         """The largest boost allowed on this step (``max_update_ratio``)."""
-        bare = with_learning_rate(inner_state, effective_lr(
-            jnp.asarray(schedule(step), jnp.float32), jnp.ones([], jnp.float32)))
-
-        def inner_update(grads, s, p):
-            return inner.update(grads, s, p, value=value, **extra_args)
-
-        return update_ratio_limit(needed, max_update_ratio, inner_update, updates, bare, params)
+        bare = with_learning_rate(inner_state, effective_lr(base, jnp.ones([], jnp.float32)))
+        step = functools.partial(inner_update, value=value, extra_args=extra_args)
+        return update_ratio_limit(needed, max_update_ratio, step, updates, bare, params)
 
     def capped_rate(rate, limit, boost, t, ramped=True):
         """``rate`` with the boost capped at ``limit`` (what a trial takes)."""
@@ -287,9 +283,12 @@ def plateau_escape(
         applied = jnp.isfinite(norm) if skip_nonfinite_updates else jnp.ones([], jnp.bool_)
         return update_grad_norm(grad_state, norm, grad_norm_decay), applied
 
+    def inner_update(updates, inner_state, params, *, value, extra_args):
+        return inner.update(updates, inner_state, params, value=value, **extra_args)
+
     def inner_step(keep, updates, inner_state, params, value, extra_args):
         def step():
-            return inner.update(updates, inner_state, params, value=value, **extra_args)
+            return inner_update(updates, inner_state, params, value=value, extra_args=extra_args)
 
         return update_unless_skipped(keep, step, inner_state) if may_skip else step()
 
@@ -329,9 +328,10 @@ def plateau_escape(
         early = lookahead.early_trial(event, state.plateau, plateau, before) & allowed & ~intervene
         decision = policy.decide(before, grad_state.grad_norm_ema, max_interventions)
         multiplier_now = ramp.multiplier(before, step)
+        base = jnp.asarray(schedule(step), jnp.float32)
         rate = functools.partial(committed_rate, before, step)
         if max_update_ratio is not None:
-            limit = boost_limit(intervene | early, updates, state.optimizer_state, step,
+            limit = boost_limit(intervene | early, updates, state.optimizer_state, base,
                                 params, value, extra_args)
             decision = decision._replace(boost=jnp.minimum(decision.boost, limit))
             rate = functools.partial(capped_rate, rate, limit)
@@ -346,7 +346,6 @@ def plateau_escape(
         after = guard.revert(after, guard_state, verdict)
         after = after._replace(lr_multiplier=ramp.multiplier(after, step))
 
-        base = jnp.asarray(schedule(step), jnp.float32)
         inner_state = with_learning_rate(state.optimizer_state,
                                          effective_lr(base, after.lr_multiplier))
         if may_reset:
