@@ -8,6 +8,10 @@ Variants, each a jitted, donated train step -- forward, backward,
     and ignored by Adam)
 (l) ``plateau_escape(optax.adam, lr, lookahead=Lookahead())`` (the default
     candidates and trial length)
+(m) with ``--max-update-ratio R`` only: (l) with ``max_update_ratio=R`` (the
+    lookahead preset's limit is ``presets.MAX_UPDATE_RATIO``); its extra
+    inner update runs on intervening steps only, so (m)/(l) off a plateau is
+    the cost of its predicate and on one the cost of the limit in a trial step
 
 Off a plateau the monitored value is the loss of a run that improves, and no
 window ever plateaus (``patience`` past the run): (l)/(c) is the cost of the
@@ -21,6 +25,7 @@ Run::
 
     python benchmarks/lookahead_cost.py            # demo U-Net (depth 2, width 8, 64x64, batch 16)
     python benchmarks/lookahead_cost.py --quick    # small U-Net, a few seconds
+    python benchmarks/lookahead_cost.py --max-update-ratio 0.005   # with the preset's limit
 """
 
 from __future__ import annotations
@@ -46,12 +51,16 @@ LR = 1e-3
 NEVER = 10**6  # patience that no run reaches: no plateau
 
 
-def make_tx(name: str, on_plateau: bool, lookahead: Lookahead):
+def make_tx(name: str, on_plateau: bool, lookahead: Lookahead,
+            max_update_ratio: float | None = None):
     options = (dict(patience=0, cooldown=0, max_interventions=10_000, rollback=None)
                if on_plateau else dict(patience=NEVER))
     if name == "c":
         return plateau_escape(optax.adam, LR, **options)
-    return plateau_escape(optax.adam, LR, lookahead=lookahead, **options)
+    if name == "l":
+        return plateau_escape(optax.adam, LR, lookahead=lookahead, **options)
+    return plateau_escape(optax.adam, LR, lookahead=lookahead,
+                          max_update_ratio=max_update_ratio, **options)
 
 
 def make_step(graphdef, rest, tx, on_plateau: bool):
@@ -75,8 +84,8 @@ def make_step(graphdef, rest, tx, on_plateau: bool):
 def section(title, model, x, y, args, on_plateau: bool, lookahead: Lookahead) -> dict:
     graphdef, params, rest = C.split_params(model)
     runners = {}
-    for name in ("c", "l"):
-        tx = make_tx(name, on_plateau, lookahead)
+    for name in ("c", "l") + (("m",) if args.max_update_ratio is not None else ()):
+        tx = make_tx(name, on_plateau, lookahead, args.max_update_ratio)
         runner = C.StepRunner(make_step(graphdef, rest, tx, on_plateau), params, tx.init(params),
                               (x, y))
         runner.warmup()
@@ -93,7 +102,8 @@ def section(title, model, x, y, args, on_plateau: bool, lookahead: Lookahead) ->
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; timing arguments resolved (``--quick`` shortens them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_timing_args(parser, "a small U-Net and few repeats")
@@ -101,12 +111,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="Lookahead(steps=...) (default: Lookahead's)")
     parser.add_argument("--memory", choices=("auto", "vmap", "map"), default=None,
                         help="Lookahead(memory=...) (default: Lookahead's)")
-    args = C.resolve_timing_args(parser.parse_args(argv))
+    parser.add_argument("--max-update-ratio", type=float, default=None,
+                        help="also time (m): (l) with plateau_escape(max_update_ratio=...)")
+    return C.resolve_timing_args(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     env = C.print_header("lookahead cost: jitted train step, (l) lookahead vs (c) plateau_escape")
     config = {k: v for k, v in (("steps", args.trial_steps), ("memory", args.memory))
               if v is not None}
     lookahead = Lookahead(**config)
     print(f"(l): {lookahead}")
+    if args.max_update_ratio is not None:
+        print(f"(m): (l) with max_update_ratio={args.max_update_ratio}")
     started = time.perf_counter()
     if args.quick:
         unet_cfg, size, batch = dict(depth=0, base_width=4), 16, 4
@@ -127,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         ["off plateau (l)/(c), paired median", off["paired_median"]],
         ["off plateau (l)/(c), cpu median", off["cpu_ratio_median"]],
         ["one trial, in plain steps (wall median)", trial],
-        ["K * (steps + 1)", len(lookahead.candidates) * (lookahead.steps + 1)]])
+        ["K * (steps + 1)", len(lookahead.candidates) * (lookahead.steps + 1)]]
+        + ([["off plateau (m)/(l), paired median",
+             results["off_plateau"]["m"]["paired_median"] / off["paired_median"]],
+            ["on plateau (m)/(l), wall median",
+             on["m"]["median_s"] / on["l"]["median_s"]]]
+           if args.max_update_ratio is not None else []))
     results["trial_in_plain_steps"] = trial
     results["elapsed_s"] = time.perf_counter() - started
     print(f"\nelapsed: {results['elapsed_s']:.1f} s")

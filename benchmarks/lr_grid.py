@@ -46,7 +46,7 @@ fit the budget below at a converged step count), 32x32 crops, batch 8, 256
 training crops per data set (``adaptive_optax.segmentation.data.load_dataset``: shapes,
 nuclei, grey_matter by default, the sets the defaults were chosen on; any
 name of ``DATASET_NAMES``, such as the confirmation sets nuclei_3d,
-white_matter and textures), evaluated once at the end on the held-out
+white_matter, textures, coins and bricks), evaluated once at the end on the held-out
 validation set. Loss: the mix of dice/focal/variance/bce that the optimizer
 state holds (``loss_weights``); monitored value: the fixed reference mix
 ``policy.initial_mix`` (as ``adaptive_optax.segmentation.train`` does).

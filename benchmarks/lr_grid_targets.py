@@ -44,7 +44,7 @@ BASELINES = ("constant", "cosine", "warmup-cosine", "sgdr", "reduce-on-plateau",
 # The sets the defaults were chosen on, and the ones held back to confirm them
 # (docs/benchmarks.md says when each confirmation set was first looked at).
 TUNING_SETS = ("shapes", "nuclei", "grey_matter")
-CONFIRMATION_SETS = ("nuclei_3d", "white_matter", "textures", "coins")
+CONFIRMATION_SETS = ("nuclei_3d", "white_matter", "textures", "coins", "bricks")
 TUNED_SLACK = 0.005
 JUMP_LIMIT = 1.5
 

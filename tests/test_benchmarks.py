@@ -279,3 +279,24 @@ def test_nested_conv_times_every_placement_and_prints_the_layouts():
         assert f"\n{name} " in out, name
     for place in ("top level", "lax.cond", "lax.scan"):
         assert f"# conv kernel gradient, {place}: dim_labels [" in out, place
+
+
+def test_lookahead_cost_builds_its_variants_with_the_limit_it_is_given(monkeypatch):
+    # The timing run is too long for the suite (~35 s --quick); this checks that
+    # --max-update-ratio parses and reaches (m), and only (m).
+    sys.path.insert(0, BENCHMARKS)
+    import lookahead_cost
+    from adaptive_optax.lookahead import Lookahead
+
+    calls = []
+    monkeypatch.setattr(lookahead_cost, "plateau_escape",
+                        lambda inner, lr, **kwargs: calls.append(kwargs))
+    lookahead = Lookahead()
+    for on_plateau in (False, True):
+        for name in ("c", "l", "m"):
+            lookahead_cost.make_tx(name, on_plateau, lookahead, 0.005)
+    assert [c.get("max_update_ratio") for c in calls] == [None, None, 0.005] * 2
+    assert [c.get("lookahead") for c in calls] == [None, lookahead, lookahead] * 2
+    assert calls[3]["patience"] == 0 and calls[0]["patience"] == lookahead_cost.NEVER
+    assert lookahead_cost.parse_args(["--max-update-ratio", "0.005"]).max_update_ratio == 0.005
+    assert lookahead_cost.parse_args([]).max_update_ratio is None

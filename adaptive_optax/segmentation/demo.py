@@ -44,6 +44,7 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND
 # What the one foreground class of each bundled data set is.
 _CLASS_NAMES = {"nuclei": "nucleus", "nuclei_3d": "nucleus", "shapes": "shape",
                 "grey_matter": "grey matter", "white_matter": "white matter", "textures": "grass",
+                "bricks": "brick",
                 "coins": "coin"}
 # Options that do not change the numbers of a run, so --resume may differ in them.
 # The comparison run is not checkpointed (it is trained again, from scratch,

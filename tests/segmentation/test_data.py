@@ -742,6 +742,7 @@ def test_load_nuclei():
 
 
 def test_load_unknown_name_lists_choices():
-    names = r"\['coins', 'grey_matter', 'nuclei', 'nuclei_3d', 'shapes', 'textures', 'white_matter'\]"
+    names = (r"\['bricks', 'coins', 'grey_matter', 'nuclei', 'nuclei_3d', 'shapes', 'textures', "
+             r"'white_matter'\]")
     with pytest.raises(ValueError, match=names):
         load_dataset("mnist")

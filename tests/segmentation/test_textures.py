@@ -1,4 +1,4 @@
-"""Tests for adaptive_optax.segmentation.textures: the grass-on-gravel crops."""
+"""Tests for adaptive_optax.segmentation.textures: the grass-on-gravel and brick-on-moon crops."""
 
 from __future__ import annotations
 
@@ -22,21 +22,26 @@ needs_textures = pytest.mark.skipif(
 
 
 @needs_textures
-def test_images_are_the_bundled_photographs_standardised():
-    grass, gravel = textures_images()
+@pytest.mark.parametrize("pair, files", [("grass_on_gravel", ("grass.png", "gravel.png")),
+                                         ("brick_on_moon", ("brick.png", "moon.png"))])
+def test_images_are_the_bundled_photographs_standardised(pair, files):
+    assert textures_lib.TEXTURE_PAIRS[pair] == files
+    foreground, background = textures_images(pair)
     from PIL import Image
 
     root = data_lib._package_dir("skimage", "textures")
-    for image, name in ((grass, "grass.png"), (gravel, "gravel.png")):
+    for image, name in zip((foreground, background), files):
         raw = np.asarray(Image.open(os.path.join(root, "data", name)), dtype=np.float64)
         assert image.shape == raw.shape == (512, 512) and image.dtype == np.float32
-        # Same moments: no intensity statistic tells the two apart.
-        assert abs(image.mean() - 0.5) < 1e-4 and abs(image.std() - 0.15) < 1e-4
+        if pair == "grass_on_gravel":  # nothing clipped: the same moments exactly
+            assert abs(image.mean() - 0.5) < 1e-4 and abs(image.std() - 0.15) < 1e-4
+        else:  # the moon's long tails clip (1.8 % of its pixels): spread 0.11 after the clip
+            assert abs(image.mean() - 0.5) < 0.01 and 0.1 < image.std() <= 0.15 + 1e-4
         expected = 0.5 + 0.15 * (raw - raw.mean()) / raw.std()
         np.testing.assert_allclose(image, np.clip(expected, 0, 1), atol=1e-5)
     # The cache is frozen and the public copies are fresh.
-    grass[:] = 0.0
-    assert textures_images()[0].mean() > 0.4
+    foreground[:] = 0.0
+    assert textures_images(pair)[0].mean() > 0.4
 
 
 @needs_textures
@@ -86,7 +91,8 @@ def test_deterministic_by_seed_with_a_seed_free_validation_set():
 def column_coded(monkeypatch):
     """Grass whose value is its column / 1000, gravel that plus 0.5."""
     columns = np.broadcast_to(np.arange(512, dtype=np.float32) / 1000.0, (512, 512))
-    monkeypatch.setattr(textures_lib, "_load_textures", lambda: (columns, columns + 0.5))
+    monkeypatch.setattr(textures_lib, "_load_textures",
+                        lambda pair="grass_on_gravel": (columns, columns + 0.5))
     return columns
 
 
@@ -123,6 +129,15 @@ def test_rejects_bad_args(column_coded, kwargs, message):
         textures_dataset(**kwargs)
 
 
+@pytest.mark.parametrize("pair", ["grass", "", None, 3])
+def test_rejects_an_unknown_pair_by_name(column_coded, pair):
+    message = r"pair must be one of \['brick_on_moon', 'grass_on_gravel'\]"
+    with pytest.raises(ValueError, match=message):
+        textures_dataset(pair=pair)
+    with pytest.raises(ValueError, match=message):
+        textures_images(pair)
+
+
 @needs_textures
 def test_load_dataset_textures():
     assert "textures" in data_lib.DATASET_NAMES
@@ -135,3 +150,29 @@ def test_load_dataset_textures():
         load_dataset("textures", num_val=4)
     with pytest.raises(ValueError, match="size = 200 is not a valid crop size for 'textures'"):
         load_dataset("textures", size=200)
+
+
+@needs_textures
+def test_load_dataset_bricks_is_brick_on_moon_with_the_same_recipe():
+    assert "bricks" in data_lib.DATASET_NAMES
+    train, val = load_dataset("bricks", num_train=64, size=32)
+    assert_well_formed(train, 64, 32, 32)
+    assert_well_formed(val, 48, 32, 32)
+    assert_components(train.instances)
+    # The same masks as the grass-on-gravel set (one recipe, one mask stream),
+    # under other photographs.
+    grass_train, grass_val = load_dataset("textures", num_train=64, size=32)
+    np.testing.assert_array_equal(train.masks, grass_train.masks)
+    np.testing.assert_array_equal(val.masks, grass_val.masks)
+    assert not np.array_equal(val.images, grass_val.images)
+    brick, moon = textures_images("brick_on_moon")
+    tiles = [(y, x) for y in range(0, 512, 32) for x in (400, 432, 464)]
+    for k, (y, x) in enumerate(tiles):
+        mask = val.masks[k, ..., 0] > 0
+        window = (slice(y, y + 32), slice(x, x + 32))
+        np.testing.assert_array_equal(val.images[k, ..., 0],
+                                      np.where(mask, brick[window], moon[window]))
+    with pytest.raises(ValueError, match="num_val does not apply to 'bricks'"):
+        load_dataset("bricks", num_val=4)
+    with pytest.raises(ValueError, match="size = 200 is not a valid crop size for 'bricks'"):
+        load_dataset("bricks", size=200)
