@@ -29,7 +29,9 @@ optimizer's grid times 3 (Defazio et al. 2024 train schedule-free at 1-10x
 the rate of the scheduled baseline) and is evaluated at its averaged
 parameters (``strategies.eval_params``). ``prodigy`` is learning-rate free:
 its grid is over its ``learning_rate``, the multiplier of its own step-size
-estimate (0.03 .. 10, default 1); it is Adam-type, so it is trained once per
+estimate (0.03 .. 10, default 1); ``prodigy-coef`` is prodigy at the default
+multiplier with the same grid over its ``estim_lr_coef`` instead (the factor on
+its estimate's growth). Both are Adam-type, so each is trained once per
 data set and listed in the SGD table too (same runs). Under SGD,
 ``schedule-free`` is ``schedule_free_sgd`` (its ``b1`` averaging replaces the
 momentum). ``escape-prodigy`` and ``escape-schedule-free`` are ``recommended``'s
@@ -79,7 +81,11 @@ share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
 one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
 ~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids:
 prodigy and escape-prodigy are shared by both optimizers) took 3224 s
-(54 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``); the
+(54 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``, 2026-12-02).
+Not re-timed since: the 3 ``prodigy-coef`` grids added later cost ~25-35 s each,
+and the lookahead rows' early trial and update-ratio limit raised their cost
+from ~1.2x to ~1.3x a ``constant`` grid's (side by side on one machine,
+2026-12-04), about +2.5 min in all (to ~56 min), so the full run stays under 60; the
 opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
 of it. Per-step monitored loss, learning rate, interventions and rollbacks
 are written into on-device arrays inside the step and fetched once per grid. A persistent compilation cache

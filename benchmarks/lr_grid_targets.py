@@ -3,7 +3,8 @@
 Reads one or more JSON files written by ``benchmarks/lr_grid.py --out`` and,
 for every data set and inner optimizer, compares ``recommended`` with the
 baselines (strategies that are not plateau escape: ``constant``, ``cosine``,
-``warmup-cosine``, ``sgdr``, ``reduce-on-plateau``, ``prodigy``,
+``warmup-cosine``, ``sgdr``, ``reduce-on-plateau``, ``prodigy`` (its
+multiplier grid), ``prodigy-coef`` (its ``estim_lr_coef`` grid),
 ``schedule-free``) on the three targets of the grid:
 
 1. robustness: its grid mean >= every baseline's grid mean;
@@ -40,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 BASELINES = ("constant", "cosine", "warmup-cosine", "sgdr", "reduce-on-plateau", "prodigy",
-             "schedule-free")
+             "prodigy-coef", "schedule-free")
 # The sets the defaults were chosen on, and the ones held back to confirm them
 # (docs/benchmarks.md says when each confirmation set was first looked at).
 TUNING_SETS = ("shapes", "nuclei", "grey_matter")

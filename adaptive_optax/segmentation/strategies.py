@@ -42,6 +42,9 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
                        needs ``value_fn`` (``make_train_step`` passes it)
 ``prodigy``            no interventions, ``optax.contrib.prodigy`` (learning-
                        rate free; ``learning_rate`` is its multiplier)
+``prodigy-coef``       ``prodigy`` at its default multiplier (1), with
+                       ``learning_rate`` as its ``estim_lr_coef`` (the factor
+                       on its step-size estimate's growth)
 ``schedule-free``      no interventions, ``optax.contrib.schedule_free_adamw``
                        (``schedule_free_sgd`` for ``optimizer=optax.sgd``)
                        with a constant rate after a 5 % linear warm-up;
@@ -88,7 +91,7 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
-              "recommended-restore", "lookahead", "prodigy", "schedule-free",
+              "recommended-restore", "lookahead", "prodigy", "prodigy-coef", "schedule-free",
               "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free",
               "lookahead-prodigy")
 
@@ -105,8 +108,9 @@ _ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedul
 LOOKAHEAD = ("lookahead", "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that evaluate schedule-free's averaged parameters (eval_params).
 SCHEDULE_FREE = ("schedule-free", "escape-schedule-free", "lookahead-schedule-free")
-# The strategies whose learning_rate is prodigy's multiplier of its own estimate, not a rate.
-RATE_FREE = ("prodigy", "escape-prodigy", "lookahead-prodigy")
+# The strategies whose learning_rate is one of prodigy's factors on its own estimate (the
+# multiplier; for prodigy-coef its estim_lr_coef), not a rate.
+RATE_FREE = ("prodigy", "prodigy-coef", "escape-prodigy", "lookahead-prodigy")
 PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
 # The strategies built on presets.recommended_options (recommended-restore swaps its guard).
 RECOMMENDED = ("recommended", "recommended-restore")
@@ -208,7 +212,7 @@ def _check_learning_rate(learning_rate) -> float | jax.Array:
 def _inner_optimizer(strategy: str, optimizer) -> Callable[..., optax.GradientTransformation]:
     """The factory that plateau_escape wraps: ``optimizer``, or the strategy's own."""
     kind = _ESCAPE_WRAPPED.get(strategy, strategy)
-    if kind == "prodigy":
+    if kind in ("prodigy", "prodigy-coef"):
         if optimizer is not optax.adam:
             raise ValueError(f"strategy {strategy!r} is optax.contrib.prodigy, an Adam-type "
                              "optimizer of its own; leave optimizer at its default optax.adam, "
@@ -279,10 +283,10 @@ def make_optimizer(
             float scalar (inside ``jax.jit``/``jax.vmap``: only a concrete
             value is checked). For ``prodigy`` it is prodigy's
             ``learning_rate``, the multiplier of its estimated step size
-            (1.0 is prodigy's default). This optax version's prodigy also
-            takes ``estim_lr_coef`` (a factor on the estimate's growth; pass
-            it in ``options``), but only ``learning_rate`` is injected and
-            may be traced, so a rate grid is over the multiplier.
+            (1.0 is prodigy's default). For ``prodigy-coef`` it is prodigy's
+            ``estim_lr_coef`` (the factor on its estimate's growth; 1.0 is
+            the default), at the default multiplier 1.0; it may be traced
+            too (prodigy uses it only in arithmetic).
         total_steps: Run length, for the schedules (``>= 1``).
         optimizer: The inner optax optimizer factory. ``prodigy`` takes none
             (leave the default); ``schedule-free`` maps ``optax.adam`` or
@@ -326,6 +330,14 @@ def make_optimizer(
     learning_rate = _check_learning_rate(learning_rate)
     inner = _inner_optimizer(strategy, optimizer)
     options, optimizer_kwargs = _split_options(options, optimizer_kwargs)
+    if strategy == "prodigy-coef":
+        optimizer_kwargs = dict(optimizer_kwargs or {})
+        if "estim_lr_coef" in optimizer_kwargs:
+            raise TypeError("strategy 'prodigy-coef' takes its estim_lr_coef as learning_rate; "
+                            "do not pass estim_lr_coef too.")
+        # prodigy uses estim_lr_coef only in arithmetic, so a traced grid value works as is.
+        optimizer_kwargs["estim_lr_coef"] = learning_rate
+        learning_rate = PRODIGY_DEFAULT_MULTIPLIER
     options = _options(strategy, options)
     options["max_interventions"] = check_int(
         "max_interventions", options["max_interventions"], 0, maximum=MAX_INTERVENTIONS_BOUND)

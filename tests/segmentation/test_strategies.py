@@ -237,6 +237,31 @@ def test_prodigy_is_optax_contrib_prodigy_with_the_rate_as_its_multiplier(name):
         strategies.make_optimizer(name, 1.0, total_steps=10, optimizer=optax.sgd)
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_prodigy_coef_is_prodigy_with_the_rate_as_its_estim_lr_coef(traced):
+    params = {"w": jnp.ones(3)}
+    grads = {"w": jnp.array([0.1, -0.2, 0.3])}
+
+    def run(tx):
+        state, p = tx.init(params), params
+        for _ in range(5):
+            updates, state = tx.update(grads, state, p, value=jnp.float32(1.0))
+            p = optax.apply_updates(p, updates)
+        return p["w"]
+
+    for coef in (0.5, 4.0):
+        def ours(c):
+            return run(strategies.make_optimizer("prodigy-coef", c, total_steps=10))
+
+        got = jax.jit(ours)(jnp.float32(coef)) if traced else ours(coef)
+        want = run(optax.contrib.prodigy(1.0, estim_lr_coef=coef))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(run(strategies.make_optimizer("prodigy-coef", 0.5, total_steps=10)),
+                           run(strategies.make_optimizer("prodigy-coef", 4.0, total_steps=10)))
+    with pytest.raises(TypeError, match="takes its estim_lr_coef as learning_rate"):
+        strategies.make_optimizer("prodigy-coef", 1.0, total_steps=10, estim_lr_coef=2.0)
+
+
 @pytest.mark.parametrize("name, inner", [("escape-prodigy", "ProdigyState"),
                                          ("escape-schedule-free", "ScheduleFreeState")])
 def test_the_escape_wrappers_are_recommended_around_the_rate_free_optimizers(name, inner):
@@ -531,5 +556,6 @@ def test_lookahead_is_recommended_with_the_default_lookahead(monkeypatch):
 
 @pytest.mark.parametrize("name", strategies.STRATEGIES)
 def test_a_run_wide_rate_goes_to_rate_strategies_and_prodigy_keeps_its_own_estimate(name):
-    expected = 1.0 if name in ("prodigy", "escape-prodigy", "lookahead-prodigy") else 3e-4
+    expected = 1.0 if name in ("prodigy", "prodigy-coef", "escape-prodigy",
+                               "lookahead-prodigy") else 3e-4
     assert strategies.learning_rate_for(name, 3e-4) == expected
