@@ -87,7 +87,8 @@ and the lookahead rows' early trial and update-ratio limit raised their cost
 from ~1.2x to ~1.3x a ``constant`` grid's (side by side on one machine,
 2026-12-04), about +2.5 min in all (to ~56 min), so the full run stays under 60; the
 opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
-of it. Per-step monitored loss, learning rate, interventions and rollbacks
+of it, and so is ``recommended-unguarded`` (the preset without its guard,
+an ablation). Per-step monitored loss, learning rate, interventions and rollbacks
 are written into on-device arrays inside the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
@@ -153,7 +154,7 @@ DEFAULT_DATA = ("shapes", "nuclei", "grey_matter")
 OPTIMIZERS = ("adam", "sgd")
 # Rows measured once and published (docs/benchmarks.md) but left out of the default run,
 # which must fit in 60 minutes on 2 cores: ask for them with --strategies.
-OPT_IN = ("lookahead-prodigy",)
+OPT_IN = ("lookahead-prodigy", "recommended-unguarded")
 SGD_MOMENTUM = 0.9
 DICE_TOLERANCE = 0.01  # the "width" counts rates within this of the best Dice
 CONVERGED = 0.01  # constant Adam's last windows must improve by less than this, per window
@@ -254,6 +255,8 @@ def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctio
         options.update(presets.recommended_options(cfg.window, lookahead=strategy in LOOKAHEAD))
     if strategy == "recommended-restore":  # ... with the guard that restores the parameters
         options["rollback"] = RollbackGuard()
+    if strategy == "recommended-unguarded":  # ... without its guard
+        options["rollback"] = None
     if strategy == "lookahead":  # the row's trial length, the default's other settings
         options["lookahead"] = dataclasses.replace(DEFAULT_LOOKAHEAD, steps=trial_rows(cfg)[row])
 

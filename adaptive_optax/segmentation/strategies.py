@@ -30,6 +30,8 @@ non-intervening ones use ``max_interventions=0`` and only monitor:
 ``restore``            guard also restores the parameters (one parameter
                        copy in the state), not only the rate and mix; the
                        candidate fix of issue 15, not a default
+``recommended-``       ``recommended`` with ``rollback=None``: the preset
+``unguarded``          without its guard (what the guard buys)
 ``lookahead``          ``recommended`` with the preset's lookahead
                        (``recommended_options(w, lookahead=True)``:
                        ``Lookahead(early_trial_window=2)`` and
@@ -91,7 +93,7 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
-              "recommended-restore", "lookahead", "prodigy", "prodigy-coef", "schedule-free",
+              "recommended-restore", "recommended-unguarded", "lookahead", "prodigy", "prodigy-coef", "schedule-free",
               "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free",
               "lookahead-prodigy")
 
@@ -99,7 +101,7 @@ STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "cons
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
-               "recommended-restore", "lookahead", "escape-prodigy", "escape-schedule-free",
+               "recommended-restore", "recommended-unguarded", "lookahead", "escape-prodigy", "escape-schedule-free",
                "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
 _ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free",
@@ -112,8 +114,9 @@ SCHEDULE_FREE = ("schedule-free", "escape-schedule-free", "lookahead-schedule-fr
 # multiplier; for prodigy-coef its estim_lr_coef), not a rate.
 RATE_FREE = ("prodigy", "prodigy-coef", "escape-prodigy", "lookahead-prodigy")
 PRODIGY_DEFAULT_MULTIPLIER = 1.0  # optax.contrib.prodigy's learning_rate default
-# The strategies built on presets.recommended_options (recommended-restore swaps its guard).
-RECOMMENDED = ("recommended", "recommended-restore")
+# The strategies built on presets.recommended_options (recommended-restore swaps its guard,
+# recommended-unguarded drops it).
+RECOMMENDED = ("recommended", "recommended-restore", "recommended-unguarded")
 # The lookahead strategy's trials: the preset's, the defaults of Lookahead (design.md item 23).
 DEFAULT_LOOKAHEAD = presets.recommended_options(1, lookahead=True)["lookahead"]
 
@@ -237,6 +240,8 @@ def _options(strategy: str, options: dict[str, Any]) -> dict[str, Any]:
                                                   lookahead=strategy in LOOKAHEAD))
     if strategy == "recommended-restore":  # the preset's guard, restoring the parameters too
         merged["rollback"] = RollbackGuard()
+    if strategy == "recommended-unguarded":
+        merged["rollback"] = None
     if strategy in _SEED_RULES:  # the seed's interventions as written: at once, unguarded
         merged.update(presets.unguarded_options())
     if strategy == "adaptive-guard":

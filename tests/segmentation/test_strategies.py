@@ -459,7 +459,7 @@ def test_recommended_restore_is_recommended_with_a_guard_that_restores_the_param
 
     params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
     snapshots = {}
-    for name in strategies.RECOMMENDED:
+    for name in ("recommended", "recommended-restore"):
         state = strategies.make_optimizer(name, 1e-3, total_steps=10,
                                           accumulation_steps=2).init(params)
         snapshots[name] = find_state(state).rollback_snapshot
@@ -479,10 +479,32 @@ def test_recommended_restore_is_recommended_with_a_guard_that_restores_the_param
         return real(*args, **kwargs)
 
     monkeypatch.setattr(strategies, "plateau_escape", spy)
-    for name in strategies.RECOMMENDED:
+    for name in ("recommended", "recommended-restore"):
         strategies.make_optimizer(name, 1e-3, total_steps=10, accumulation_steps=4)
     assert seen[True]["rollback"] == RollbackGuard()
     assert seen[False]["rollback"] == RollbackGuard(restore_params=False)
+    assert {k: v for k, v in seen[True].items() if k != "rollback"} == {
+        k: v for k, v in seen[False].items() if k != "rollback"}
+
+
+def test_recommended_unguarded_is_recommended_without_its_guard(monkeypatch):
+    params = {"w": jnp.ones(3)}
+    fields = {name: find_state(strategies.make_optimizer(
+        name, 1e-3, total_steps=10, accumulation_steps=2).init(params)).fields()
+        for name in ("recommended", "recommended-unguarded")}
+    assert "rollback_count" in fields["recommended"]
+    assert "rollback_count" not in fields["recommended-unguarded"]
+    seen = {}
+    real = strategies.plateau_escape
+
+    def spy(*args, **kwargs):
+        seen[kwargs["rollback"] is None] = kwargs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(strategies, "plateau_escape", spy)
+    for name in ("recommended", "recommended-unguarded"):
+        strategies.make_optimizer(name, 1e-3, total_steps=10, accumulation_steps=4)
+    assert seen[False]["rollback"] == presets.recommended_options(4)["rollback"]
     assert {k: v for k, v in seen[True].items() if k != "rollback"} == {
         k: v for k, v in seen[False].items() if k != "rollback"}
 
