@@ -85,8 +85,8 @@ prodigy and escape-prodigy are shared by both optimizers) took 3224 s
 Not re-timed since: the 3 ``prodigy-coef`` grids added later cost ~25-35 s each,
 and the lookahead rows' early trial and update-ratio limit raised their cost
 from ~1.2x to ~1.3x a ``constant`` grid's (side by side on one machine,
-2026-12-04), about +2.5 min in all (to ~56 min), so the full run stays under 60; the
-opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
+2026-12-04), about +2.5 min in all (to ~56 min), so the full run stays under
+60; the opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
 of it, and so is ``recommended-unguarded`` (the preset without its guard,
 an ablation). Per-step monitored loss, learning rate, interventions and rollbacks
 are written into on-device arrays inside the step and fetched once per grid. A persistent compilation cache

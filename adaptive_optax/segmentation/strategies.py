@@ -93,16 +93,16 @@ from adaptive_optax.transform import MAX_INTERVENTIONS_BOUND, plateau_escape
 
 STRATEGIES = ("adaptive", "adaptive-guard", "legacy", "reduce-on-plateau", "constant",
               "cosine", "sgdr", "warmup-cosine", "escape-cosine", "recommended",
-              "recommended-restore", "recommended-unguarded", "lookahead", "prodigy", "prodigy-coef", "schedule-free",
-              "escape-prodigy", "escape-schedule-free", "lookahead-schedule-free",
-              "lookahead-prodigy")
+              "recommended-restore", "recommended-unguarded", "lookahead", "prodigy",
+              "prodigy-coef", "schedule-free", "escape-prodigy", "escape-schedule-free",
+              "lookahead-schedule-free", "lookahead-prodigy")
 
 # The strategies that reproduce the seed's rules (an immediate boost; see presets.unguarded_options).
 _SEED_RULES = ("adaptive", "adaptive-guard", "legacy")
 # The strategies whose plateau_escape intervenes; the others get max_interventions=0.
 INTERVENING = ("adaptive", "adaptive-guard", "legacy", "escape-cosine", "recommended",
-               "recommended-restore", "recommended-unguarded", "lookahead", "escape-prodigy", "escape-schedule-free",
-               "lookahead-schedule-free", "lookahead-prodigy")
+               "recommended-restore", "recommended-unguarded", "lookahead", "escape-prodigy",
+               "escape-schedule-free", "lookahead-schedule-free", "lookahead-prodigy")
 # The strategies that wrap a learning-rate-free or schedule-free optimizer with the preset.
 _ESCAPE_WRAPPED = {"escape-prodigy": "prodigy", "escape-schedule-free": "schedule-free",
                    "lookahead-schedule-free": "schedule-free", "lookahead-prodigy": "prodigy"}

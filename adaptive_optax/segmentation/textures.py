@@ -49,14 +49,14 @@ Recipe (:func:`textures_dataset`):
    validation tiles off the pixels next to the training ones).
 3. A training crop takes a foreground window and a background window at
    independent random positions of the training region, a blob mask (below),
-   and shows ``where(mask, foreground, background)``; crops are then flipped and rotated at
-   random, as the other crop sets are.
+   and shows ``where(mask, foreground, background)``; crops are then flipped
+   and rotated at random, as the other crop sets are.
 4. A blob mask is white noise blurred with a Gaussian of ``crop_size / 8``
    pixels, thresholded at its own random quantile in ``[0.5, 0.8]``, so 20-50
    % of a crop is foreground. Instances are its 4-connected components.
 5. Validation crops tile the validation region without overlap (the
-   foreground and background tiles at the same position), with masks from a fixed stream:
-   the same 48 crops of 32 (or 8 of 64) for every seed.
+   foreground and background tiles at the same position), with masks from a
+   fixed stream: the same 48 crops of 32 (or 8 of 64) for every seed.
 
 Example:
     >>> train, val = textures_dataset(crop_size=32, num_train=8)
@@ -68,6 +68,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
@@ -76,11 +78,12 @@ from adaptive_optax.segmentation import data as _data
 
 __all__ = ["TEXTURE_PAIRS", "textures_dataset", "textures_images"]
 
-# Each pair: (foreground file, background file) of scikit-image's data folder.
-TEXTURE_PAIRS: dict[str, tuple[str, str]] = {
+# Each pair: (foreground file, background file) of scikit-image's data folder. Read-only:
+# the loaded images are cached by pair name.
+TEXTURE_PAIRS: Mapping[str, tuple[str, str]] = MappingProxyType({
     "grass_on_gravel": ("grass.png", "gravel.png"),
     "brick_on_moon": ("brick.png", "moon.png"),
-}
+})
 _MEAN, _SPREAD = 0.5, 0.15
 _VAL_GAP = 16  # columns between the training and validation regions
 _QUANTILES = (0.5, 0.8)  # the blob threshold's quantile: 20-50 % foreground
@@ -101,7 +104,7 @@ def _load_textures(pair: str = "grass_on_gravel") -> tuple[np.ndarray, np.ndarra
         from PIL import Image
     except ImportError as err:
         raise ImportError(
-            f"the 'textures' data set needs Pillow to read its images; {_data._INSTALL_HINT}"
+            f"the texture data sets need Pillow to read their images; {_data._INSTALL_HINT}"
         ) from err
     paths = _data._bundled_files("skimage", "textures", "data", TEXTURE_PAIRS[pair])
     out = []
@@ -218,7 +221,8 @@ def textures_dataset(
 
     tiles = _data._column_tiles(height, width, crop_size, val_start)
     val_masks = _blob_masks(np.random.default_rng(_VAL_SEED), len(tiles), crop_size)
-    val_images = [np.where(mask, foreground[t], background[t]) for t, mask in zip(tiles, val_masks)]
+    val_images = [np.where(mask, foreground[t], background[t])
+                  for t, mask in zip(tiles, val_masks)]
     return (
         _data._stack(train_images, [_data._components(m) for m in train_masks], max_instances),
         _data._stack(val_images, [_data._components(m) for m in val_masks], max_instances),
