@@ -79,22 +79,21 @@ dispatches it and its intra-op threads do not speed up the tiny convolutions,
 so intra-op threading is off and ``--threads`` host threads each drive a
 share of the runs. A step costs ~3.6 ms of CPU (the focal loss ~1 ms of it):
 one grid is ~65 CPU-seconds (~35 s of wall time with 2 threads; a lookahead row
-~40 s, a lookahead-schedule-free row ~45-65 s), the full run (96 grids:
-prodigy and escape-prodigy are shared by both optimizers) took 3224 s
-(54 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``, 2026-12-02).
-Not re-timed since: the 3 ``prodigy-coef`` grids added later cost ~25-35 s each,
-and the lookahead rows' early trial and update-ratio limit raised their cost
-from ~1.2x to ~1.3x a ``constant`` grid's (side by side on one machine,
-2026-12-04), about +2.5 min in all (to ~56 min), so the full run stays under
-60; the opt-in rows (``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid) are left out
-of it, and so is ``recommended-unguarded`` (the preset without its guard,
-an ablation). Per-step monitored loss, learning rate, interventions and rollbacks
+~40 s, a lookahead-schedule-free row ~45-65 s), the full run (99 grids:
+prodigy, prodigy-coef and escape-prodigy are shared by both optimizers) took
+2270 s (38 min) on 2 idle cores (``results/lr_grid_default_run_cpu.txt``,
+2026-12-04). On 2026-12-02 the 96 grids of then took 3224 s (54 min) on a
+slower draw of the machine (the grids both runs share took 1.47x as long);
+scaled to that speed today's run is ~55 min, inside 60. The opt-in rows
+(``OPT_IN``: ``lookahead-prodigy``, ~60-90 s a grid, and
+``recommended-unguarded``, the preset without its guard, an ablation) are
+left out of it. Per-step monitored loss, learning rate, interventions and rollbacks
 are written into on-device arrays inside the step and fetched once per grid. A persistent compilation cache
 (``--compile-cache``) lets the data sets share a compile (~2 s per grid).
 
 Run::
 
-    python benchmarks/lr_grid.py                   # the full grid (54 min on 2 idle cores)
+    python benchmarks/lr_grid.py                   # the full grid (38-55 min on 2 idle cores)
     python benchmarks/lr_grid.py --quick           # a < 60 s smoke test
     python benchmarks/lr_grid.py --data nuclei --optimizers adam \\
         --strategies constant,cosine,recommended --out grid.json --plot grid.png
