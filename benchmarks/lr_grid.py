@@ -530,6 +530,22 @@ def print_convergence(title: str, check: dict) -> None:
 
 # --------------------------------------------------------------------------- plot
 
+def strategy_colors(panels: dict[tuple[str, str], dict[str, dict]]) -> dict[str, tuple]:
+    """One colour per strategy over all panels, in the order the strategies first appear.
+
+    Panels may hold different rows (files merged by ``lr_grid_targets.py``), and the plot
+    has one legend for the figure, so a colour must not depend on a row's place in its
+    panel.
+    """
+    import matplotlib
+
+    names = list(dict.fromkeys(s for results in panels.values() for s in results))
+    if len(names) <= 20:
+        return {s: matplotlib.colormaps["tab20"](i) for i, s in enumerate(names)}
+    spread = matplotlib.colormaps["gist_ncar"]
+    return {s: spread(i / (len(names) - 1)) for i, s in enumerate(names)}
+
+
 def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
     """Final validation Dice vs base rate, one panel per (data set, optimizer).
 
@@ -543,28 +559,35 @@ def plot(path: str, panels: dict[tuple[str, str], dict[str, dict]]) -> None:
 
     data_names = sorted({d for d, _ in panels})
     optimizers = sorted({o for _, o in panels})
+    colors = strategy_colors(panels)
     fig, axes = plt.subplots(len(data_names), len(optimizers), squeeze=False,
                              figsize=(6 * len(optimizers), 4 * len(data_names)))
+    handles: dict[str, Any] = {}
     for (data_name, optimizer), results in panels.items():
         ax = axes[data_names.index(data_name)][optimizers.index(optimizer)]
-        for i, (strategy, r) in enumerate(results.items()):
+        for strategy, r in results.items():
             dice = np.asarray(r["final_dice"])
-            color = plt.cm.tab20(i % 20)
+            color = colors[strategy]
             if strategy in RATE_FREE:
                 rates = r["rates"]
                 at = rates.index(1.0) if 1.0 in rates else len(rates) // 2
-                ax.axhline(dice[at].mean(), color=color, ls="--",
-                           label=f"{strategy} (x{rates[at]:g})")
+                line = ax.axhline(dice[at].mean(), color=color, ls="--")
+                handles.setdefault(f"{strategy} (x{rates[at]:g})", line)
                 continue
-            ax.plot(r["rates"], dice.mean(axis=1), marker="o", ms=3, color=color, label=strategy)
+            (line,) = ax.plot(r["rates"], dice.mean(axis=1), marker="o", ms=3, color=color)
+            handles.setdefault(strategy, line)
             ax.fill_between(r["rates"], dice.min(axis=1), dice.max(axis=1), color=color,
                             alpha=0.15)
         ax.set_xscale("log")
         ax.set_xlabel("base learning rate")
         ax.set_ylabel("final validation Dice")
         ax.set_title(f"{data_name}, {optimizer}")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    columns = 4 if len(optimizers) > 1 else 2
+    legend_rows = math.ceil(len(handles) / columns)
+    height = fig.get_figheight()
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=columns,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - (0.2 * legend_rows + 0.2) / height))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

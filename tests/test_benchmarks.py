@@ -300,3 +300,19 @@ def test_lookahead_cost_builds_its_variants_with_the_limit_it_is_given(monkeypat
     assert calls[3]["patience"] == 0 and calls[0]["patience"] == lookahead_cost.NEVER
     assert lookahead_cost.parse_args(["--max-update-ratio", "0.005"]).max_update_ratio == 0.005
     assert lookahead_cost.parse_args([]).max_update_ratio is None
+
+
+def test_lr_grid_plot_colours_a_strategy_alike_in_every_panel(monkeypatch):
+    # One legend serves all panels, so merged files whose panels hold different rows
+    # must still draw each strategy in one colour.
+    sys.path.insert(0, BENCHMARKS)
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    import lr_grid
+
+    panels = {("a", "adam"): {"constant": {}, "cosine": {}},
+              ("b", "adam"): {"cosine": {}, "prodigy": {}, "constant": {}}}
+    colors = lr_grid.strategy_colors(panels)
+    assert list(colors) == ["constant", "cosine", "prodigy"]
+    assert len(set(colors.values())) == 3
+    many = {("a", "adam"): {f"s{i}": {} for i in range(25)}}
+    assert len(set(lr_grid.strategy_colors(many).values())) == 25
