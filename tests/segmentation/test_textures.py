@@ -21,6 +21,18 @@ needs_textures = pytest.mark.skipif(
 )
 
 
+def assert_validation_tiles(val, foreground, background):
+    """Validation tiles show the foreground under the mask and the background elsewhere,
+    at the same position of both photographs: 16 rows x 3 columns from column 400."""
+    tiles = [(y, x) for y in range(0, 512, 32) for x in (400, 432, 464)]
+    assert val.images.shape[0] == len(tiles)
+    for k, (y, x) in enumerate(tiles):
+        mask = val.masks[k, ..., 0] > 0
+        window = (slice(y, y + 32), slice(x, x + 32))
+        np.testing.assert_array_equal(val.images[k, ..., 0],
+                                      np.where(mask, foreground[window], background[window]))
+
+
 @needs_textures
 @pytest.mark.parametrize("pair, files", [("grass_on_gravel", ("grass.png", "gravel.png")),
                                          ("brick_on_moon", ("brick.png", "moon.png"))])
@@ -54,15 +66,7 @@ def test_default_recipe():
     for part in (train, val):
         fraction = part.masks.mean(axis=(1, 2, 3))
         assert fraction.min() >= 0.15 and fraction.max() <= 0.55  # 20-50 % by quantile
-    # Validation tiles show grass under the mask and gravel elsewhere, at the
-    # same position of both photographs: 16 rows x 3 columns from column 400.
-    grass, gravel = textures_images()
-    tiles = [(y, x) for y in range(0, 512, 32) for x in (400, 432, 464)]
-    for k, (y, x) in enumerate(tiles):
-        mask = val.masks[k, ..., 0] > 0
-        window = (slice(y, y + 32), slice(x, x + 32))
-        np.testing.assert_array_equal(val.images[k, ..., 0],
-                                      np.where(mask, grass[window], gravel[window]))
+    assert_validation_tiles(val, *textures_images())
     # No intensity threshold beats predicting all foreground by much.
     x, m = val.images.ravel(), val.masks.ravel() > 0
     best = max(2 * (p & m).sum() / (p.sum() + m.sum())
@@ -139,25 +143,23 @@ def test_rejects_an_unknown_pair_by_name(column_coded, pair):
 
 
 @needs_textures
-def test_load_dataset_textures():
-    assert "textures" in data_lib.DATASET_NAMES
-    train, val = load_dataset("textures", num_train=8, size=32)
+@pytest.mark.parametrize("name", ["textures", "bricks"])
+def test_load_dataset_texture_sets(name):
+    assert name in data_lib.DATASET_NAMES
+    train, val = load_dataset(name, num_train=8, size=32)
     assert_well_formed(train, 8, 32, 32)
     assert_well_formed(val, 48, 32, 32)
-    _, val64 = load_dataset("textures", num_train=8, size=64)
+    _, val64 = load_dataset(name, num_train=8, size=64)
     assert val64.images.shape == (8, 64, 64, 1)
-    with pytest.raises(ValueError, match="num_val does not apply to 'textures'"):
-        load_dataset("textures", num_val=4)
-    with pytest.raises(ValueError, match="size = 200 is not a valid crop size for 'textures'"):
-        load_dataset("textures", size=200)
+    with pytest.raises(ValueError, match=f"num_val does not apply to '{name}'"):
+        load_dataset(name, num_val=4)
+    with pytest.raises(ValueError, match=f"size = 200 is not a valid crop size for '{name}'"):
+        load_dataset(name, size=200)
 
 
 @needs_textures
-def test_load_dataset_bricks_is_brick_on_moon_with_the_same_recipe():
-    assert "bricks" in data_lib.DATASET_NAMES
+def test_bricks_is_brick_on_moon_under_the_textures_masks():
     train, val = load_dataset("bricks", num_train=64, size=32)
-    assert_well_formed(train, 64, 32, 32)
-    assert_well_formed(val, 48, 32, 32)
     assert_components(train.instances)
     # The same masks as the grass-on-gravel set (one recipe, one mask stream),
     # under other photographs.
@@ -165,14 +167,4 @@ def test_load_dataset_bricks_is_brick_on_moon_with_the_same_recipe():
     np.testing.assert_array_equal(train.masks, grass_train.masks)
     np.testing.assert_array_equal(val.masks, grass_val.masks)
     assert not np.array_equal(val.images, grass_val.images)
-    brick, moon = textures_images("brick_on_moon")
-    tiles = [(y, x) for y in range(0, 512, 32) for x in (400, 432, 464)]
-    for k, (y, x) in enumerate(tiles):
-        mask = val.masks[k, ..., 0] > 0
-        window = (slice(y, y + 32), slice(x, x + 32))
-        np.testing.assert_array_equal(val.images[k, ..., 0],
-                                      np.where(mask, brick[window], moon[window]))
-    with pytest.raises(ValueError, match="num_val does not apply to 'bricks'"):
-        load_dataset("bricks", num_val=4)
-    with pytest.raises(ValueError, match="size = 200 is not a valid crop size for 'bricks'"):
-        load_dataset("bricks", size=200)
+    assert_validation_tiles(val, *textures_images("brick_on_moon"))
