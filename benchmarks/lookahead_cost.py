@@ -57,10 +57,8 @@ def make_tx(name: str, on_plateau: bool, lookahead: Lookahead,
                if on_plateau else dict(patience=NEVER))
     if name == "c":
         return plateau_escape(optax.adam, LR, **options)
-    if name == "l":
-        return plateau_escape(optax.adam, LR, lookahead=lookahead, **options)
     return plateau_escape(optax.adam, LR, lookahead=lookahead,
-                          max_update_ratio=max_update_ratio, **options)
+                          max_update_ratio=max_update_ratio if name == "m" else None, **options)
 
 
 def make_step(graphdef, rest, tx, on_plateau: bool):

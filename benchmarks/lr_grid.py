@@ -127,7 +127,6 @@ from flax import nnx  # noqa: E402
 
 import _common as C  # noqa: E402
 from adaptive_optax import presets  # noqa: E402
-from adaptive_optax.rollback import RollbackGuard  # noqa: E402
 from adaptive_optax.segmentation import data as data_lib  # noqa: E402
 from adaptive_optax.segmentation.losses import loss_components, mixed_loss  # noqa: E402
 from adaptive_optax.segmentation.metrics import confusion_counts, dice_iou  # noqa: E402
@@ -250,12 +249,13 @@ def grid_functions(row: str, optimizer: str, graphdef, rest, cfg) -> GridFunctio
     names = policy.loss_names
     options = dict(total_steps=cfg.steps, optimizer=factory, accumulation_steps=cfg.window,
                    patience=cfg.patience, cooldown=cfg.cooldown, rtol=cfg.rtol, **keywords)
-    if strategy in RECOMMENDED or strategy in LOOKAHEAD:  # the preset is under test: it wins
-        options.update(presets.recommended_options(cfg.window, lookahead=strategy in LOOKAHEAD))
-    if strategy == "recommended-restore":  # ... with the guard that restores the parameters
-        options["rollback"] = RollbackGuard()
-    if strategy == "recommended-unguarded":  # ... without its guard
-        options["rollback"] = None
+    if strategy in RECOMMENDED or strategy in LOOKAHEAD:
+        # The preset is under test, so it wins over this benchmark's settings: leave its
+        # keys to make_optimizer, which applies it with each strategy's own changes to it
+        # (recommended-restore's guard, recommended-unguarded's none).
+        preset = presets.recommended_options(cfg.window, lookahead=strategy in LOOKAHEAD)
+        for key in preset.keys() - {"accumulation_steps"}:
+            options.pop(key, None)
     if strategy == "lookahead":  # the row's trial length, the default's other settings
         options["lookahead"] = dataclasses.replace(DEFAULT_LOOKAHEAD, steps=trial_rows(cfg)[row])
 
